@@ -45,6 +45,9 @@ class GenerationRequest:
     params: SamplingParams
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
+    # A hint: False means the caller wants only the whole answer, so a backend may
+    # deliver it as a single final chunk (a remote backend then skips SSE parsing).
+    stream: bool = True
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
