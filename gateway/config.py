@@ -1,0 +1,136 @@
+"""The gateway's YAML config: models and server limits, validated strictly and all at once.
+
+`load_config(path)` returns a `GatewayConfig` or raises `ConfigError` listing every
+problem with its path in the file (`models[1].url: Field required`), so a user fixes a
+bad file in one pass. The embedded default config is `deploy/default.yaml`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "default.yaml"
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][\w.:-]*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalModel(_Strict):
+    """In-process transformers. `path` absent: the model store's entry named `name`."""
+
+    name: Name
+    backend: Literal["local"]
+    role: Literal["teacher", "student"] = "student"
+    path: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: int = Field(8, ge=1, le=256)
+    context_length: int | None = Field(None, ge=16)
+    threads: int | None = Field(None, ge=1, le=256)
+
+
+class OpenAIModel(_Strict):
+    """Any remote OpenAI-compatible server (vLLM, production-stack, llm-d, KServe, Ray Serve)."""
+
+    name: Name
+    backend: Literal["openai"]
+    role: Literal["teacher", "student"] = "student"
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    served_model: str | None = None
+    api_key_env: str | None = None
+    context_length: int = Field(2048, ge=16)
+    max_connections: int = Field(256, ge=1, le=10_000)
+
+
+class VLLMModel(_Strict):
+    """One `vllm serve` process per model, started and stopped with the gateway."""
+
+    name: Name
+    backend: Literal["vllm"]
+    role: Literal["teacher", "student"] = "student"
+    path: Path
+    port: int = Field(ge=1024, le=65535)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    max_model_len: int = Field(2048, ge=16)
+    executable: str = "vllm"
+    extra_args: list[str] = Field(default_factory=list)
+    startup_timeout_s: float = Field(600.0, gt=0)
+
+
+ModelConfig = Annotated[LocalModel | OpenAIModel | VLLMModel, Field(discriminator="backend")]
+
+
+class Limits(_Strict):
+    queue_size: int = Field(64, ge=1, le=100_000)
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=1_073_741_824)
+    max_tokens: int = Field(1024, ge=1, le=1_000_000)
+    default_max_tokens: int = Field(256, ge=1, le=1_000_000)
+    request_timeout_s: float = Field(300.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+
+class GatewayConfig(_Strict):
+    models: list[ModelConfig] = Field(min_length=1)
+    limits: Limits = Limits()
+    store: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewayConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        ports = [m.port for m in self.models if isinstance(m, VLLMModel)]
+        if len(ports) != len(set(ports)):
+            raise ValueError("each vllm model needs its own port")
+        if self.limits.default_max_tokens > self.limits.max_tokens:
+            raise ValueError("limits.default_max_tokens must not exceed limits.max_tokens")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message lists every problem."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid config {source} ({len(problems)} problem(s)):\n{lines}")
+
+
+def load_config(path: Path | str | None = None) -> GatewayConfig:
+    """Read and validate a YAML config; `None` means the embedded default."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: object, source: str = "<config>") -> GatewayConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the top level must be a mapping with a `models` list"])
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+
+
+def _describe(error: dict) -> str:
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    # Discriminated unions put the chosen tag in the path (models[0].local.path); drop it.
+    for tag in (".local", ".openai", ".vllm"):
+        where = where.replace(f"]{tag}.", "].")
+    return f"{where.lstrip('.') or '(top level)'}: {error['msg']}"
