@@ -1,0 +1,269 @@
+"""What chat and completions share: reading a bounded body, checking the sampling
+fields, running a backend stream with metrics and cancellation, and SSE framing.
+
+The endpoint modules only translate between OpenAI's shapes and `GenerationRequest`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from gateway.errors import (
+    BodyTooLarge,
+    ContextLengthExceeded,
+    GatewayError,
+    InvalidRequest,
+    ServiceUnavailable,
+    sse_error,
+    to_gateway_error,
+    validation_error,
+)
+from gateway.metrics import Metrics
+from gateway.protocol import _Sampling
+from gateway.state import Gateway
+from models.backends.base import (
+    Backend,
+    GenerationChunk,
+    GenerationRequest,
+    PromptTooLong,
+    SamplingParams,
+)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+async def parse_body(request: Request, model: type[M], limit: int) -> M:
+    """The request body as `model`; 413 past `limit` bytes, 400 naming the bad field."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(_too_large(int(declared), limit))
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise BodyTooLarge(_too_large(len(body), limit))
+    try:
+        return model.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        raise validation_error(list(exc.errors())) from None
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"Request body of {size} bytes exceeds the limit of {limit} bytes."
+
+
+def sampling(req: _Sampling, gw: Gateway, max_tokens: int | None, param: str) -> SamplingParams:
+    """Check what the backends cannot and build SamplingParams. `max_tokens` is the
+    effective value (max_completion_tokens wins over max_tokens for chat)."""
+    if req.n not in (None, 1):
+        raise InvalidRequest(
+            f"n={req.n} is not supported: distillgate returns one choice (n=1).", param="n"
+        )
+    limit = gw.config.limits.max_tokens
+    if max_tokens is not None and max_tokens > limit:
+        raise InvalidRequest(
+            f"{param}={max_tokens} exceeds this gateway's limit of {limit} tokens.", param=param
+        )
+    return SamplingParams(
+        max_tokens=max_tokens or gw.config.limits.default_max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=req.stop_list(),
+    )
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Tracker:
+    """Observes one request: TTFT, inter-token latency, tokens, outcome."""
+
+    metrics: Metrics
+    model: str
+    endpoint: str
+    start: float = field(default_factory=time.perf_counter)
+    last: float | None = None
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.metrics.in_flight.labels(self.model).inc()
+
+    def chunk(self, chunk: GenerationChunk) -> None:
+        t = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.labels(self.model).observe(t - self.start)
+        elif chunk.text:
+            self.metrics.itl.labels(self.model).observe(t - self.last)
+        self.last = t
+        if chunk.finish_reason is not None:
+            m = self.model
+            self.metrics.prompt_tokens.labels(m).inc(chunk.prompt_tokens or 0)
+            self.metrics.completion_tokens.labels(m).inc(chunk.completion_tokens or 0)
+            if chunk.batch_size:
+                self.metrics.batch_size.labels(m).observe(chunk.batch_size)
+
+    def done(self, outcome: str, error: GatewayError | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.metrics.in_flight.labels(self.model).dec()
+        self.metrics.e2e.labels(self.model).observe(time.perf_counter() - self.start)
+        self.metrics.requests.labels(self.model, self.endpoint, outcome).inc()
+        if error is not None:
+            self.metrics.errors.labels(self.model, error.type).inc()
+            error.counted = True
+
+
+def outcome_of(err: GatewayError) -> str:
+    return "client_error" if err.status < 500 else "server_error"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation as the endpoints hand it over. `default_max_tokens` says max_tokens
+    was not given, so it may shrink to fit the context instead of failing."""
+
+    backend: Backend
+    request: GenerationRequest
+    tracker: Tracker
+    param: str
+    default_max_tokens: bool
+
+
+async def _open(job: Job) -> tuple[AsyncIterator[GenerationChunk], GenerationChunk]:
+    """Start a generation and wait for its first chunk, so that errors raised before any
+    output (queue full, prompt too long) become HTTP statuses, not stream events."""
+    request = job.request
+    for attempt in (1, 2):
+        stream = job.backend.generate(request)
+        try:
+            first = await anext(stream)
+            break
+        except StopAsyncIteration:
+            raise ServiceUnavailable("The backend ended the stream without output.") from None
+        except PromptTooLong as exc:
+            room = exc.context_length - exc.prompt_tokens
+            if attempt == 2 or not job.default_max_tokens or room < 1:
+                raise ContextLengthExceeded(str(exc), param=job.param) from None
+            params = replace(request.params, max_tokens=room)
+            request = replace(request, params=params)
+        except BaseException:
+            await stream.aclose()
+            raise
+    job.tracker.chunk(first)
+    return stream, first
+
+
+async def complete(gw: Gateway, job: Job) -> Result:
+    """Run a generation to its end and collect the text."""
+    timeout = gw.config.limits.request_timeout_s
+    tracker = job.tracker
+    try:
+        async with asyncio.timeout(timeout):
+            stream, chunk = await _open(job)
+            parts = [chunk.text]
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    tracker.chunk(chunk)
+                    parts.append(chunk.text)
+    except TimeoutError:
+        err = ServiceUnavailable(f"The request did not finish within {timeout:g} s.")
+        tracker.done("server_error", err)
+        raise err from None
+    except asyncio.CancelledError:
+        tracker.done("cancelled")
+        raise
+    except Exception as exc:
+        err = to_gateway_error(exc, job.param)
+        tracker.done(outcome_of(err), err)
+        raise err from None
+    tracker.done("success")
+    return Result(
+        "".join(parts),
+        chunk.finish_reason or "stop",
+        chunk.prompt_tokens or 0,
+        chunk.completion_tokens or 0,
+    )
+
+
+Frame = Callable[[GenerationChunk, bool], list[bytes]]
+
+
+async def stream_response(job: Job, frame: Frame) -> StreamingResponse:
+    """SSE: `frame(chunk, first)` renders each chunk's events; an error after the stream
+    has started goes out as an error event, then `[DONE]`."""
+    tracker, param = job.tracker, job.param
+    try:
+        stream, first = await _open(job)
+    except Exception as exc:
+        err = to_gateway_error(exc, param)
+        tracker.done(outcome_of(err), err)
+        raise err from None
+
+    async def events() -> AsyncIterator[bytes]:
+        outcome, error = "success", None
+        try:
+            for event in frame(first, True):
+                yield event
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    tracker.chunk(chunk)
+                    for event in frame(chunk, False):
+                        yield event
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as exc:
+            error = to_gateway_error(exc, param)
+            outcome = outcome_of(error)
+            yield sse_error(error)
+        finally:
+            tracker.done(outcome, error)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def sse(model: BaseModel) -> bytes:
+    return b"data: " + model.model_dump_json().encode() + b"\n\n"
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client goes away first (frees its backend slot).
+    Starlette does this for streaming responses; a plain response needs it by hand."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise asyncio.CancelledError("client disconnected")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,58 @@
+"""`create_app(config)`: the FastAPI app. Its lifespan builds the gateway state, starts the
+model backends in the background (so /health answers at once and /ready says when the
+models are in) and stops them on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI
+
+from gateway.api import chat, completions, health, models
+from gateway.config import GatewayConfig
+from gateway.errors import install_handlers
+from gateway.state import Factory, Gateway
+from models.store import ModelStore
+
+log = logging.getLogger("distillgate")
+
+
+def create_app(
+    config: GatewayConfig,
+    store: ModelStore | None = None,
+    on_failure: Callable[[str], None] | None = None,
+    factory: Factory | None = None,
+) -> FastAPI:
+    """`on_failure(reason)` is called if the models cannot be loaded (the CLI exits);
+    `factory(model_config) -> Backend` replaces the built-in backends (see README)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gw = Gateway(config, store or ModelStore(config.store), factory)
+        app.state.gateway = gw
+        loader = asyncio.create_task(_load(gw, on_failure))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await gw.stop()
+
+    app = FastAPI(title="distillgate", version="0.1.0", lifespan=lifespan)
+    install_handlers(app)
+    for module in (chat, completions, models, health):
+        app.include_router(module.router)
+    return app
+
+
+async def _load(gw: Gateway, on_failure: Callable[[str], None] | None) -> None:
+    try:
+        await gw.start()
+    except Exception:
+        log.error("%s", gw.failure)
+        if on_failure is not None:
+            on_failure(gw.failure or "the models could not be loaded")

@@ -1,0 +1,110 @@
+"""Every Prometheus metric of the gateway, prefix `distillgate_`, label `model`, base units.
+
+Built per app (its own CollectorRegistry, no module globals), so several gateways can
+live in one process in tests. Queue depth is read from the backends at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from models.backends.base import Backend
+
+# LLM latencies: sub-ms gateway work up to multi-minute generations.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, backends: Callable[[], Mapping[str, Backend]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "distillgate_requests",
+            "Requests answered, by endpoint and outcome (success, client_error, "
+            "server_error, cancelled).",
+            ["model", "endpoint", "outcome"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "distillgate_errors",
+            "Error responses by OpenAI error type.",
+            ["model", "type"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "distillgate_time_to_first_token_seconds",
+            "Time to the first generated token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "distillgate_inter_token_latency_seconds",
+            "Time between streamed chunks.",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "distillgate_request_duration_seconds",
+            "End-to-end request latency.",
+            ["model"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "distillgate_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "distillgate_completion_tokens",
+            "Completion tokens generated.",
+            ["model"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "distillgate_requests_in_flight",
+            "Requests being served by the gateway now.",
+            ["model"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "distillgate_batch_size",
+            "Largest number of sequences a backend decoded together while a request ran.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        r.register(_LoadCollector(backends))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LoadCollector:
+    """Queue depth and running requests as each backend reports them at scrape time."""
+
+    def __init__(self, backends: Callable[[], Mapping[str, Backend]]) -> None:
+        self.backends = backends
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        waiting = GaugeMetricFamily(
+            "distillgate_queue_depth", "Requests waiting for a backend slot.", labels=["model"]
+        )
+        running = GaugeMetricFamily(
+            "distillgate_backend_running", "Requests a backend is running now.", labels=["model"]
+        )
+        for name, backend in self.backends().items():
+            load = backend.load()
+            waiting.add_metric([name], load.waiting)
+            running.add_metric([name], load.running)
+        yield waiting
+        yield running

@@ -1,0 +1,142 @@
+"""The gateway's state, built in the app's lifespan: the config, one backend per model,
+the metrics, and whether loading has finished. Reached by the endpoints through
+`Annotated[Gateway, Depends(get_gateway)]`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.config import GatewayConfig, LocalModel, ModelConfig, OpenAIModel, VLLMModel
+from gateway.errors import ModelNotFound, ServiceUnavailable
+from gateway.metrics import Metrics
+from models.backends.base import Backend
+from models.store import ModelStore
+
+log = logging.getLogger("distillgate")
+
+Factory = Callable[[ModelConfig], Backend]
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    store: ModelStore
+    factory: Factory | None = None
+    backends: dict[str, Backend] = field(default_factory=dict)
+    metrics: Metrics = field(init=False)
+    ready: bool = False
+    failure: str | None = None
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.backends)
+
+    def backend(self, model: str) -> Backend:
+        """The backend serving `model`, or the error a client should see."""
+        if self.config.model(model) is None:
+            available = ", ".join(m.name for m in self.config.models)
+            raise ModelNotFound(
+                f"The model '{model}' does not exist. Available models: {available}.",
+                param="model",
+            )
+        backend = self.backends.get(model)
+        if not self.ready or backend is None:
+            reason = self.failure or "the gateway is still loading its models"
+            raise ServiceUnavailable(f"Not ready: {reason}.", retry_after=5)
+        return backend
+
+    async def start(self) -> None:
+        """Build every backend (converting the embedded teacher on first use, off the event
+        loop) and start them concurrently; on failure stop the ones that started."""
+        try:
+            built = await asyncio.to_thread(self._build)
+        except Exception as exc:
+            self.failure = f"could not prepare the models: {exc}"
+            raise RuntimeError(self.failure) from exc
+        self.backends = built
+        results = await asyncio.gather(
+            *(b.start() for b in self.backends.values()), return_exceptions=True
+        )
+        failed = [
+            f"{name}: {res}"
+            for name, res in zip(self.backends, results, strict=True)
+            if isinstance(res, BaseException)
+        ]
+        if failed:
+            self.failure = "could not start " + "; ".join(failed)
+            await self.stop()
+            raise RuntimeError(self.failure)
+        self.ready = True
+        log.info("ready: %s", ", ".join(self.backends))
+
+    def _build(self) -> dict[str, Backend]:
+        make = self.factory or (lambda m: build_backend(m, self.config, self.store))
+        return {m.name: make(m) for m in self.config.models}
+
+    async def stop(self) -> None:
+        self.ready = False
+        await asyncio.gather(*(b.stop() for b in self.backends.values()), return_exceptions=True)
+
+
+def build_backend(model: ModelConfig, config: GatewayConfig, store: ModelStore) -> Backend:
+    """One backend from its config entry. Imports lazily: nothing loads torch or vLLM
+    unless a model of that kind is configured."""
+    limits = config.limits
+    if isinstance(model, LocalModel):
+        from models.backends.local import LocalBackend
+
+        path = model.path if model.path is not None else store.resolve(model.name)
+        return LocalBackend(
+            model.name,
+            path,
+            role=model.role,
+            device=model.device,
+            dtype=model.dtype,
+            max_batch_size=model.max_batch_size,
+            queue_size=limits.queue_size,
+            context_length=model.context_length,
+            threads=model.threads,
+        )
+    if isinstance(model, OpenAIModel):
+        from models.backends.openai_http import OpenAIHTTPBackend
+
+        return OpenAIHTTPBackend(
+            model.name,
+            model.url,
+            served_model=model.served_model,
+            api_key=os.environ.get(model.api_key_env) if model.api_key_env else None,
+            role=model.role,
+            context_length=model.context_length,
+            timeout_s=limits.request_timeout_s,
+            connect_timeout_s=limits.connect_timeout_s,
+            max_connections=model.max_connections,
+        )
+    assert isinstance(model, VLLMModel)
+    from models.backends.vllm import VLLMBackend
+
+    return VLLMBackend(
+        model.name,
+        model.path,
+        port=model.port,
+        gpu_memory_utilization=model.gpu_memory_utilization,
+        max_model_len=model.max_model_len,
+        role=model.role,
+        executable=model.executable,
+        extra_args=tuple(model.extra_args),
+        startup_timeout_s=model.startup_timeout_s,
+    )
+
+
+def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
