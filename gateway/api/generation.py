@@ -227,7 +227,7 @@ async def stream_response(job: Job, frame: Frame) -> StreamingResponse:
                     tracker.chunk(chunk)
                     for event in frame(chunk, False):
                         yield event
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise
         except Exception as exc:
