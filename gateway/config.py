@@ -133,4 +133,7 @@ def _describe(error: dict) -> str:
     # Discriminated unions put the chosen tag in the path (models[0].local.path); drop it.
     for tag in (".local", ".openai", ".vllm"):
         where = where.replace(f"]{tag}.", "].")
-    return f"{where.lstrip('.') or '(top level)'}: {error['msg']}"
+    where = where.lstrip(".") or "(top level)"
+    if error["type"] == "union_tag_not_found":
+        return f"{where}.backend: Field required (one of local, openai, vllm)"
+    return f"{where}: {error['msg']}"
