@@ -56,8 +56,11 @@ class ScriptedBackend:
                 await asyncio.sleep(self.delay_s)
                 yield GenerationChunk(text=piece)
             yield GenerationChunk(
-                text="", finish_reason="stop", prompt_tokens=3,
-                completion_tokens=len(self.pieces), batch_size=1,
+                text="",
+                finish_reason="stop",
+                prompt_tokens=3,
+                completion_tokens=len(self.pieces),
+                batch_size=1,
             )
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1

@@ -36,15 +36,18 @@ def backend() -> ScriptedBackend:
 
 @pytest.fixture
 def http(backend: ScriptedBackend):
-    with _client({"tiny": backend}, max_body_bytes=4096, max_tokens=100, default_max_tokens=50) as client:
+    with _client(
+        {"tiny": backend}, max_body_bytes=4096, max_tokens=100, default_max_tokens=50
+    ) as client:
         _wait_ready(client)
         yield client
 
 
 @pytest.fixture
 def sdk(http: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http,
-                         max_retries=0)
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0
+    )
 
 
 def _wait_ready(client: TestClient) -> None:
@@ -61,16 +64,32 @@ def _chat(**kw) -> dict:
 
 def test_chat_plain(sdk: openai.OpenAI, backend: ScriptedBackend) -> None:
     out = sdk.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=7,
-        temperature=0.5, top_p=0.9, seed=3, stop=["x"], user="u1",
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        seed=3,
+        stop=["x"],
+        user="u1",
     )
-    assert out.object == "chat.completion" and out.model == "tiny" and out.id.startswith("chatcmpl-")
+    assert (
+        out.object == "chat.completion" and out.model == "tiny" and out.id.startswith("chatcmpl-")
+    )
     assert out.choices[0].message.content == "Hello, world!"
     assert out.choices[0].finish_reason == "stop"
-    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (3, 4, 7)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        3,
+        4,
+        7,
+    )
     params = backend.seen[-1].params
     assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.stop) == (
-        7, 0.5, 0.9, 3, ("x",)
+        7,
+        0.5,
+        0.9,
+        3,
+        ("x",),
     )
     assert backend.seen[-1].messages == ({"role": "user", "content": "hi"},)
 
@@ -78,7 +97,9 @@ def test_chat_plain(sdk: openai.OpenAI, backend: ScriptedBackend) -> None:
 def test_chat_stream_with_usage(sdk: openai.OpenAI) -> None:
     chunks = list(
         sdk.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True,
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -104,15 +125,22 @@ def test_completions_plain_and_stream(sdk: openai.OpenAI, backend: ScriptedBacke
     out = sdk.completions.create(model="tiny", prompt="Once", max_tokens=5)
     assert out.object == "text_completion" and out.choices[0].text == "Hello, world!"
     assert backend.seen[-1].prompt == "Once" and backend.seen[-1].messages is None
-    parts = list(sdk.completions.create(model="tiny", prompt=["Once"], stream=True,
-                                        stream_options={"include_usage": True}))
+    parts = list(
+        sdk.completions.create(
+            model="tiny", prompt=["Once"], stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(p.choices[0].text for p in parts if p.choices) == "Hello, world!"
     assert parts[-1].usage.completion_tokens == 4
 
 
 def test_max_completion_tokens_wins(sdk: openai.OpenAI, backend: ScriptedBackend) -> None:
-    sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}],
-                                max_tokens=9, max_completion_tokens=4)
+    sdk.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "a"}],
+        max_tokens=9,
+        max_completion_tokens=4,
+    )
     assert backend.seen[-1].params.max_tokens == 4
 
 
@@ -156,8 +184,9 @@ def test_limit_is_named_in_message(http: TestClient) -> None:
 
 
 def test_invalid_json_is_400_not_422(http: TestClient) -> None:
-    r = http.post("/v1/chat/completions", content=b"{nope",
-                  headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and set(r.json()) == {"error"}
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -171,7 +200,9 @@ def test_unknown_model_is_404_listing_models(sdk: openai.OpenAI) -> None:
 
 def test_body_over_limit_is_413(sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as info:
-        sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 5000}])
+        sdk.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x" * 5000}]
+        )
     assert info.value.status_code == 413 and "4096" in info.value.message
 
 
@@ -191,15 +222,20 @@ def test_chunked_body_over_limit_is_413(http: TestClient) -> None:
         (Overloaded("queue full (64 waiting)", retry_after=2), 429, openai.RateLimitError, "2"),
         (Unavailable("worker gone"), 503, openai.InternalServerError, "5"),
         (PromptTooLong(70, 10, 64), 400, openai.BadRequestError, None),
-        (UpstreamError(422, "bad thing", param="top_k", code="x"), 422,
-         openai.UnprocessableEntityError, None),
+        (
+            UpstreamError(422, "bad thing", param="top_k", code="x"),
+            422,
+            openai.UnprocessableEntityError,
+            None,
+        ),
     ],
 )
 def test_backend_errors_map_to_sdk_classes(backend, sdk, http, error, status, cls, retry) -> None:
     backend.fail_before = error
     with pytest.raises(cls) as info:
-        sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                    max_tokens=10)
+        sdk.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10
+        )
     assert info.value.status_code == status
     assert info.value.response.headers.get("retry-after") == retry
 
@@ -227,8 +263,11 @@ def test_failure_mid_stream_is_error_event_then_done(backend, sdk, http) -> None
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["error"]["type"] == "internal_server_error"
     with pytest.raises(openai.APIError):
-        list(sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                         stream=True))
+        list(
+            sdk.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+        )
 
 
 def test_route_errors_use_envelope(http: TestClient) -> None:
@@ -240,8 +279,11 @@ def test_route_errors_use_envelope(http: TestClient) -> None:
 
 def test_metrics(sdk: openai.OpenAI, http: TestClient, backend: ScriptedBackend) -> None:
     sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
-    list(sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                     stream=True))
+    list(
+        sdk.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    )
     backend.fail_before = Overloaded("full")
     with pytest.raises(openai.RateLimitError):
         sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
