@@ -18,7 +18,7 @@ from gateway.config import GatewayConfig, LocalModel, ModelConfig, OpenAIModel, 
 from gateway.errors import ModelNotFound, ServiceUnavailable
 from gateway.metrics import Metrics
 from models.backends.base import Backend
-from models.store import ModelStore
+from models.store import ModelStore, StoreError
 
 log = logging.getLogger("distillgate")
 
@@ -91,9 +91,11 @@ def build_backend(model: ModelConfig, config: GatewayConfig, store: ModelStore) 
     unless a model of that kind is configured."""
     limits = config.limits
     if isinstance(model, LocalModel):
+        path = model.path if model.path is not None else store.resolve(model.name)
+        if not (path / "config.json").is_file():
+            raise StoreError(f"model {model.name!r}: {path} is not a Hugging Face model directory")
         from models.backends.local import LocalBackend
 
-        path = model.path if model.path is not None else store.resolve(model.name)
         return LocalBackend(
             model.name,
             path,
