@@ -154,3 +154,18 @@ def test_cancelled_stream_frees_its_slot(server: Server) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"slot not freed: running={running}, cancelled={now - cancelled}")
+
+
+def test_hung_up_plain_request_frees_its_slot(server: Server) -> None:
+    labels = {"endpoint": "completions", "model": TEACHER, "outcome": "cancelled"}
+    before = _metric(server, "distillgate_requests_total", **labels)
+    body = {"model": TEACHER, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while (
+        _metric(server, "distillgate_requests_total", **labels) < before + 1
+        or _metric(server, "distillgate_backend_running", model=TEACHER) > 0
+    ):
+        assert time.monotonic() < deadline, "the hung-up request still holds its slot"
+        time.sleep(0.05)
