@@ -42,7 +42,14 @@ def create_app(
                 await loader
             await gw.stop()
 
-    app = FastAPI(title="distillgate", version="0.1.0", lifespan=lifespan)
+    # The gateway's metrics are its own Prometheus registry; FastAPI's built-in
+    # OpenTelemetry hooks would cost every request without a provider to report to.
+    app = FastAPI(
+        title="distillgate",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     install_handlers(app)
     for module in (chat, completions, models, health):
         app.include_router(module.router)

@@ -137,7 +137,7 @@ def build_backend(model: ModelConfig, config: GatewayConfig, store: ModelStore) 
     )
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
