@@ -120,8 +120,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already dequantised to fp32; save_pretrained refuses a model that
-    # still claims a GGUF quantizer.
+    # still claims a GGUF quantizer, and a config that names one would send later
+    # loaders (transformers, vLLM) looking for the GGUF file.
     model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
