@@ -7,6 +7,7 @@ live in one process in tests. Queue depth is read from the backends at scrape ti
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -81,9 +82,34 @@ class Metrics:
             registry=r,
         )
         r.register(_LoadCollector(backends))
+        self._models: dict[str, ModelMetrics] = {}
+
+    def for_model(self, model: str) -> ModelMetrics:
+        """`model`'s label-bound children, made once: labels() takes a lock and a dict
+        lookup on every call, and a request touches seven of them."""
+        bound = self._models.get(model)
+        if bound is None:
+            bound = self._models[model] = ModelMetrics(
+                *(m.labels(model) for m in (
+                    self.ttft, self.itl, self.e2e, self.prompt_tokens,
+                    self.completion_tokens, self.in_flight, self.batch_size,
+                ))
+            )  # fmt: skip
+        return bound
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    in_flight: Gauge
+    batch_size: Histogram
 
 
 class _LoadCollector:

@@ -103,28 +103,28 @@ class Tracker:
     finished: bool = False
 
     def __post_init__(self) -> None:
-        self.metrics.in_flight.labels(self.model).inc()
+        self.bound = self.metrics.for_model(self.model)
+        self.bound.in_flight.inc()
 
     def chunk(self, chunk: GenerationChunk) -> None:
-        t = time.perf_counter()
+        t, m = time.perf_counter(), self.bound
         if self.last is None:
-            self.metrics.ttft.labels(self.model).observe(t - self.start)
+            m.ttft.observe(t - self.start)
         elif chunk.text:
-            self.metrics.itl.labels(self.model).observe(t - self.last)
+            m.itl.observe(t - self.last)
         self.last = t
         if chunk.finish_reason is not None:
-            m = self.model
-            self.metrics.prompt_tokens.labels(m).inc(chunk.prompt_tokens or 0)
-            self.metrics.completion_tokens.labels(m).inc(chunk.completion_tokens or 0)
+            m.prompt_tokens.inc(chunk.prompt_tokens or 0)
+            m.completion_tokens.inc(chunk.completion_tokens or 0)
             if chunk.batch_size:
-                self.metrics.batch_size.labels(m).observe(chunk.batch_size)
+                m.batch_size.observe(chunk.batch_size)
 
     def done(self, outcome: str, error: GatewayError | None = None) -> None:
         if self.finished:
             return
         self.finished = True
-        self.metrics.in_flight.labels(self.model).dec()
-        self.metrics.e2e.labels(self.model).observe(time.perf_counter() - self.start)
+        self.bound.in_flight.dec()
+        self.bound.e2e.observe(time.perf_counter() - self.start)
         self.metrics.requests.labels(self.model, self.endpoint, outcome).inc()
         if error is not None:
             self.metrics.errors.labels(self.model, error.type).inc()
@@ -248,20 +248,24 @@ def sse(model: BaseModel) -> bytes:
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client goes away first (frees its backend slot).
-    Starlette does this for streaming responses; a plain response needs it by hand."""
-    task = asyncio.ensure_future(work)
+    """Await `work`, cancelling this request's task if the client goes away first (frees
+    its backend slot). Starlette does this for streaming responses; a plain response
+    needs it by hand. One watcher task, no second task for the work itself."""
+    handler = asyncio.current_task()
+    assert handler is not None
+    finished = False
+
+    def on_disconnect(watcher: asyncio.Task[None]) -> None:
+        if not finished and not watcher.cancelled():
+            handler.cancel("client disconnected")
+
     watcher = asyncio.ensure_future(_disconnected(request))
+    watcher.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     finally:
+        finished = True
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise asyncio.CancelledError("client disconnected")
-    return task.result()
 
 
 async def _disconnected(request: Request) -> None:
