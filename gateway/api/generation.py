@@ -212,6 +212,9 @@ async def stream_response(job: Job, frame: Frame) -> StreamingResponse:
     tracker, param = job.tracker, job.param
     try:
         stream, first = await _open(job)
+    except asyncio.CancelledError:
+        tracker.done("cancelled")
+        raise
     except Exception as exc:
         err = to_gateway_error(exc, param)
         tracker.done(outcome_of(err), err)
