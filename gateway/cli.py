@@ -1,4 +1,5 @@
-"""The `distillgate` command line: `serve` the gateway, manage the registry's `students`.
+"""The `distillgate` command line: `serve` the gateway, manage the registry's `students`,
+and the factory's `tasks`, `teacher adapt`, `distill` and `eval` (gateway/factory_cli.py).
 
 Every command reports bad input as one line on stderr and exits with code 2.
 """
@@ -13,18 +14,27 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from gateway.factory_cli import CliError, add_commands
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except _CliError as exc:
+    except CliError as exc:
         print(f"distillgate: error: {exc}", file=sys.stderr)
         return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage stays in --help)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distillgate", description=__doc__)
+    parser = _Parser(prog="distillgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the configured models over OpenAI's API")
     serve.add_argument("--config", type=Path, help="YAML config (default: the embedded teacher)")
@@ -45,11 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--store", type=Path, help="model store directory")
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
         cmd.set_defaults(func=_students)
+    add_commands(sub)
     return parser
-
-
-class _CliError(Exception):
-    pass
 
 
 def _settings(**overrides: object):
@@ -59,7 +66,7 @@ def _settings(**overrides: object):
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise _CliError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise CliError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def _students(args: argparse.Namespace) -> int:
@@ -81,7 +88,7 @@ def _students(args: argparse.Namespace) -> int:
             store.remove(args.name)
             print(json.dumps({"removed": args.name}) if args.json else f"removed {args.name}")
     except StoreError as exc:
-        raise _CliError(str(exc)) from None
+        raise CliError(str(exc)) from None
     return 0
 
 
@@ -96,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(settings.config)
     except ConfigError as exc:
-        raise _CliError(str(exc)) from None
+        raise CliError(str(exc)) from None
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )

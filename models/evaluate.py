@@ -9,6 +9,8 @@ with (batched, greedy), so accuracy and latency describe the model as it is serv
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -17,9 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import AutoConfig
 
 from models.backends.base import GenerationRequest, SamplingParams
 from models.backends.local import LocalBackend
+from models.pruning.params import non_embedding_parameters
+from models.store import Manifest, ModelStore
+from models.tasks import get_task
+from models.tasks.base import Example, Task, TaskError, match_label, normalise
+
+ANSWER_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -110,3 +119,145 @@ async def measure_latency(model_dir: Path, max_tokens: int = 32, repeats: int = 
 
 def as_dict(value: Any) -> dict[str, Any]:
     return asdict(value)
+
+
+# -- a registry entry, evaluated and recorded in its manifest ------------------------------
+
+
+def _answers(store: ModelStore, name: str, task: Task, examples: list[Example]) -> list[str]:
+    """Greedy answers of model `name`, cached beside the registry (keyed by its weights)."""
+    model_dir = store.resolve(name)
+    stat = (model_dir / "model.safetensors").stat()
+    key = json.dumps([name, stat.st_size, stat.st_mtime_ns, [e.id for e in examples]])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = store.root / ".cache" / "answers" / f"{name}-{task.name}-{digest}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    answers = asyncio.run(
+        generate_answers(model_dir, [e.messages() for e in examples], ANSWER_TOKENS)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(answers))
+    return answers
+
+
+def _same_answer(task: Task, a: str, b: str) -> bool:
+    if task.labels:
+        return match_label(a, task.labels) == match_label(b, task.labels)
+    return normalise(a) == normalise(b)
+
+
+def in_domain(
+    store: ModelStore, name: str, task: Task, n: int, reference: str | None
+) -> dict[str, Any]:
+    """Test-split accuracy with its 95% interval, and agreement with `reference`'s answers."""
+    examples = task.examples("test", n)
+    answers = _answers(store, name, task, examples)
+    scores = [task.score(e, a) for e, a in zip(examples, answers, strict=True)]
+    result = {"n": len(scores), "accuracy": asdict(bootstrap_ci(scores)), "chance": task.chance}
+    if reference is not None:
+        theirs = _answers(store, reference, task, examples)
+        same = [float(_same_answer(task, a, b)) for a, b in zip(answers, theirs, strict=True)]
+        teacher = [task.score(e, a) for e, a in zip(examples, theirs, strict=True)]
+        result["agreement"] = asdict(bootstrap_ci(same))
+        result["reference_accuracy"] = float(np.mean(teacher))
+        result["retention"] = float(np.mean(scores) / max(np.mean(teacher), 1e-9))
+    return result
+
+
+def general_knowledge(model_dir: Path) -> dict[str, Any]:
+    from models.tasks.knowledge import accuracy_by_loglik
+
+    task = get_task("general-knowledge")
+    examples = task.examples("test")
+    model, tokenizer = _load(model_dir)
+    scores = accuracy_by_loglik(model, tokenizer, examples)
+    return {"n": len(scores), "accuracy": asdict(bootstrap_ci(scores)), "chance": task.chance}
+
+
+def _load(model_dir: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def heldout_divergence(
+    store: ModelStore, name: str, reference: str, task: Task, n: int
+) -> dict[str, float]:
+    """Mean forward KL to `reference` (top-k, tau = 1) and cross-entropy on its answers,
+    per token, over the validation split (never trained on)."""
+    import torch
+
+    from models.distill.data import TeacherCache, batches, cached_sequences, target_logits
+    from models.distill.losses import masked_ce, topk_forward_kl
+
+    reference_dir = store.resolve(reference)
+    model, tokenizer = _load(store.resolve(name))
+    cache = TeacherCache(store.root / ".cache" / "teacher")
+    examples = task.examples("validation", n)
+    items = cached_sequences(
+        cache, reference_dir, None, tokenizer, task.name, "validation", examples, "logits"
+    )
+    kl = ce = tokens = 0.0
+    with torch.inference_mode():
+        for chunk in batches(items, 16):
+            logits, targets = target_logits(model, chunk, tokenizer.pad_token_id)
+            lp = torch.cat([s.teacher_logprobs for s in chunk])
+            ids = torch.cat([s.teacher_ids for s in chunk])
+            kl += float(topk_forward_kl(logits, lp, ids)) * len(targets)
+            ce += float(masked_ce(logits, targets)) * len(targets)
+            tokens += len(targets)
+    return {"kl": kl / tokens, "cross_entropy": ce / tokens, "tokens": int(tokens)}
+
+
+def _reference_gk(store: ModelStore, reference: str) -> float:
+    """The reference model's general-knowledge accuracy, measured once and kept in its
+    manifest."""
+    evaluation = store.manifest(reference).evaluation
+    if "general_knowledge" not in evaluation:
+        evaluation = {
+            **evaluation,
+            "general_knowledge": general_knowledge(store.resolve(reference)),
+        }
+        store.update(reference, evaluation=evaluation)
+    return evaluation["general_knowledge"]["accuracy"]["value"]
+
+
+def evaluate_entry(
+    store: ModelStore,
+    name: str,
+    *,
+    task: str | None = None,
+    test_examples: int = 300,
+    heldout_examples: int = 200,
+    latency: bool = True,
+) -> Manifest:
+    """Evaluate registry entry `name` on its task (or `task`) against its parent, and
+    record the results in its manifest's `evaluation`."""
+    manifest = store.manifest(name)
+    task_name = task or manifest.task
+    if task_name is None:
+        raise TaskError(f"model {name!r} has no task in its manifest; name one with --task")
+    the_task = get_task(task_name)
+    model_dir = store.resolve(name)
+    reference = manifest.parent
+    evaluation = dict(manifest.evaluation)
+    domain = in_domain(store, name, the_task, test_examples, reference)
+    evaluation.setdefault("in_domain", {})[the_task.name] = domain
+    gk = general_knowledge(model_dir)
+    if reference is not None:
+        gk["retention"] = retention(gk["accuracy"]["value"], _reference_gk(store, reference), 0.25)
+        evaluation.setdefault("heldout", {})[the_task.name] = heldout_divergence(
+            store, name, reference, the_task, heldout_examples
+        )
+    evaluation["general_knowledge"] = gk
+    evaluation["non_embedding_parameters"] = non_embedding_parameters(
+        AutoConfig.from_pretrained(model_dir)
+    )
+    if latency:
+        evaluation["latency"] = asdict(asyncio.run(measure_latency(model_dir)))
+    evaluation["reference"] = reference
+    evaluation["evaluated"] = int(time.time())
+    return store.update(name, evaluation=evaluation)

@@ -38,7 +38,7 @@ class TrainConfig:
     method: Method = "full"
     epochs: float = 2.0
     batch_size: int = 16
-    lr: float | None = None  # default: 1e-4 full, 1e-3 LoRA
+    lr: float | None = None  # default: 2e-4 full, 1e-3 LoRA
     warmup: float = 0.05
     max_grad_norm: float = 1.0
     tau: float = 1.0
@@ -49,7 +49,7 @@ class TrainConfig:
     max_steps: int | None = None  # cap, e.g. for a short phase of an iterative schedule
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 1e-3)
+        return self.lr if self.lr is not None else (2e-4 if self.method == "full" else 1e-3)
 
     def steps(self, n: int) -> int:
         total = math.ceil(self.epochs * math.ceil(n / self.batch_size))

@@ -1,0 +1,116 @@
+"""The student factory end to end on a tiny random teacher: every format and method makes
+a registered, loadable student with its lineage; bad specs fail before any work and leave
+the registry as it was; teacher adaptation registers an adapted teacher; evaluation
+records its results in the manifest. The real teacher runs in one slow test."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from models.distill.factory import FactoryError, StudentSpec, adapt_teacher, make_student
+from models.store import Manifest, ModelStore
+
+TEACHER = "tiny-teacher"
+
+
+@pytest.fixture
+def store(tmp_path: Path, tiny_model_dir: Path) -> ModelStore:
+    store = ModelStore(tmp_path / "store")
+
+    def write(out: Path) -> None:
+        shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+
+    store.register(Manifest(name=TEACHER, role="teacher"), write)
+    return store
+
+
+def _spec(**overrides) -> StudentSpec:
+    base = dict(
+        task="finance-headlines", ratio=0.5, examples=16, teacher=TEACHER, top_k=8, epochs=1.0
+    )
+    return StudentSpec(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    "fmt,method,schedule",
+    [
+        ("logits", "full", "one-shot"),
+        ("answers", "lora", "one-shot"),
+        ("cot", "lora", "iterative:2"),
+    ],
+)
+def test_make_student_registers_a_loadable_student(store, fmt, method, schedule) -> None:
+    manifest = make_student(
+        store, _spec(format=fmt, method=method, schedule=schedule), progress=False
+    )
+    assert manifest.parent == TEACHER and manifest.task == "finance-headlines"
+    assert manifest.supervision == fmt and manifest.method == method and manifest.examples == 16
+    assert manifest.pruning["schedule"] == schedule
+    assert len(manifest.pruning["steps"]) == (2 if schedule == "iterative:2" else 1)
+    assert manifest.compression_ratio == pytest.approx(0.5, abs=0.01)
+    model = AutoModelForCausalLM.from_pretrained(store.resolve(manifest.name))
+    assert model.config.num_hidden_layers == 1
+    assert [m.name for m in store.entries()] == sorted([TEACHER, manifest.name])
+    assert not (store.root / ".work" / manifest.name).exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"ratio": 0.0}, "ratio must be in (0, 1]"),
+        ({"ratio": 1.5}, "ratio must be in (0, 1]"),
+        ({"task": "nope"}, "unknown task 'nope'"),
+        ({"task": "general-knowledge"}, "no training split"),
+        ({"examples": 3}, "examples must be at least 16"),
+        ({"schedule": "iterative:0"}, "schedule must be"),
+        ({"teacher": "ghost"}, "'ghost' is not in the store"),
+    ],
+)
+def test_bad_specs_fail_before_any_work(store, overrides, message) -> None:
+    before = [m.name for m in store.entries()]
+    with pytest.raises(FactoryError) as info:
+        make_student(store, _spec(**overrides), progress=False)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert [m.name for m in store.entries()] == before
+    assert not (store.root / ".work").exists() and not (store.root / ".cache").exists()
+
+
+def test_a_name_already_taken_is_refused(store) -> None:
+    with pytest.raises(FactoryError, match="already registered"):
+        make_student(store, _spec(name=TEACHER), progress=False)
+
+
+def test_adapt_teacher_registers_its_lineage(store) -> None:
+    manifest = adapt_teacher(
+        store, "support-tickets", method="lora", examples=16, teacher=TEACHER, progress=False
+    )
+    assert manifest.role == "teacher" and manifest.parent == TEACHER
+    assert manifest.name == f"{TEACHER}-support-tickets-lora"
+    assert manifest.supervision == "reference" and manifest.compression_ratio == 1.0
+    with pytest.raises(FactoryError, match="already registered"):
+        adapt_teacher(store, "support-tickets", examples=16, teacher=TEACHER, progress=False)
+
+
+def test_evaluation_is_recorded_in_the_manifest(store) -> None:
+    from models.evaluate import evaluate_entry
+
+    made = make_student(store, _spec(), progress=False)
+    manifest = evaluate_entry(store, made.name, test_examples=8, heldout_examples=8)
+    ev = manifest.evaluation
+    domain = ev["in_domain"]["finance-headlines"]
+    assert domain["n"] == 8 and domain["accuracy"]["low"] <= domain["accuracy"]["value"]
+    assert 0 <= domain["agreement"]["value"] <= 1 and domain["chance"] == pytest.approx(
+        1 / 13, rel=0.3
+    )
+    assert ev["heldout"]["finance-headlines"]["kl"] >= 0
+    assert ev["heldout"]["finance-headlines"]["tokens"] > 0
+    assert ev["general_knowledge"]["n"] >= 200 and "retention" in ev["general_knowledge"]
+    assert ev["non_embedding_parameters"] > 0 and ev["reference"] == TEACHER
+    assert ev["latency"]["ttft_ms"] > 0 and ev["latency"]["ms_per_token_b8"] > 0
+    assert store.manifest(made.name).evaluation == ev  # written, not just returned
+    # the parent's own general-knowledge score was measured once and kept
+    assert "general_knowledge" in store.manifest(TEACHER).evaluation
