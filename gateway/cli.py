@@ -1,5 +1,6 @@
 """The `distillgate` command line: `serve` the gateway, manage the registry's `students`,
-and the factory's `tasks`, `teacher adapt`, `distill` and `eval` (gateway/factory_cli.py).
+the factory's `tasks`, `teacher adapt`, `distill`, `eval` (gateway/factory_cli.py), and
+`sweep` and `law` (gateway/law_cli.py).
 
 Every command reports bad input as one line on stderr and exits with code 2.
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway.factory_cli import CliError, add_commands
+from gateway import factory_cli, law_cli
+from gateway.factory_cli import CliError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--store", type=Path, help="model store directory")
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
         cmd.set_defaults(func=_students)
-    add_commands(sub)
+    factory_cli.add_commands(sub)
+    law_cli.add_commands(sub)
     return parser
 
 

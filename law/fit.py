@@ -113,17 +113,11 @@ def fit(
     return Fit(form.name, names, best.x, used, len(y), rss)
 
 
-def bootstrap(
-    result: Fit,
-    x: Features,
-    y: np.ndarray,
-    *,
-    resamples: int = 200,
-    seed: int = 0,
-    level: float = 0.95,
-) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of every parameter over fits to resampled points (rows drawn
-    with replacement; resamples that cannot identify the form are skipped)."""
+def bootstrap_draws(
+    result: Fit, x: Features, y: np.ndarray, *, resamples: int = 200, seed: int = 0
+) -> np.ndarray:
+    """Parameters refitted to resampled points (rows drawn with replacement; resamples
+    that cannot identify the form are skipped), one row per resample."""
     rng = np.random.default_rng(seed)
     y = np.asarray(y, dtype=float)
     draws = []
@@ -136,9 +130,30 @@ def bootstrap(
         draws.append(refit.theta)
     if len(draws) < resamples // 2:
         raise FitError(f"only {len(draws)} of {resamples} bootstrap resamples could be fitted")
+    return np.array(draws)
+
+
+def intervals(
+    names: tuple[str, ...], draws: np.ndarray, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """Percentile interval of every parameter over the bootstrap draws."""
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(np.array(draws), [tail, 100 - tail], axis=0)
-    return {n: (float(a), float(b)) for n, a, b in zip(result.names, low, high, strict=True)}
+    low, high = np.percentile(draws, [tail, 100 - tail], axis=0)
+    return {n: (float(a), float(b)) for n, a, b in zip(names, low, high, strict=True)}
+
+
+def bootstrap(
+    result: Fit,
+    x: Features,
+    y: np.ndarray,
+    *,
+    resamples: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every parameter of `result`."""
+    draws = bootstrap_draws(result, x, y, resamples=resamples, seed=seed)
+    return intervals(result.names, draws, level)
 
 
 def information_criteria(result: Fit) -> dict[str, float]:

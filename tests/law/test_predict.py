@@ -1,0 +1,105 @@
+"""law.json from sweep-shaped results: fitted, saved, loaded unchanged, used for
+predictions with intervals, shown, plotted; and the `distillgate law` commands on it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from law.data import load_results
+from law.fit import FitError
+from law.predict import fit_law, load_law, predict, save_law
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rows() -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for ratio in (0.25, 0.4, 0.6, 0.8):
+        for examples in (250, 500, 1000):
+            for seed in (0, 1):
+                for fmt in ("logits", "cot") if examples == 1000 else ("logits",):
+                    inner = 0.9 - 0.06 * (1 / ratio - 1) ** 1.2 - 2.0 * examples**-0.5
+                    general = 0.25 + 0.3 * ratio**2 + (0.03 if fmt == "cot" else 0)
+                    rows.append({
+                        "name": f"s-{ratio}-{examples}-{seed}-{fmt}", "task": "t",
+                        "teacher": "T", "ratio": ratio, "target_ratio": ratio,
+                        "examples": examples, "format": fmt, "method": "full",
+                        "schedule": "one-shot", "seed": seed, "chance": 1 / 13,
+                        "in_domain": inner + rng.normal(0, 0.01),
+                        "general": general + rng.normal(0, 0.01),
+                        "teacher_in_domain": 0.9, "teacher_general": 0.55,
+                    })  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="module")
+def results_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("law") / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def law_file(results_file: Path) -> Path:
+    law = fit_law(load_results(results_file), resamples=30)
+    path = results_file.with_name("law.json")
+    save_law(law, path)
+    return path
+
+
+def test_law_round_trips_and_predicts_with_intervals(law_file: Path) -> None:
+    law = load_law(law_file)
+    assert json.loads(law_file.read_text()) == law
+    assert law["targets"]["in_domain"]["selected"] in ("power", "logistic")
+    assert law["data"]["rows"] == 32 and len(law["data"]["sha256"]) == 64
+    near = predict(law, ratio=0.6, examples=1000)
+    far = predict(law, ratio=0.25, examples=250)
+    for p in (near["in_domain"], far["in_domain"], near["general"]):
+        assert 0 <= p["low"] <= p["value"] <= p["high"] <= 1
+    truth = 0.9 - 0.06 * (1 / 0.6 - 1) ** 1.2 - 2.0 * 1000**-0.5
+    assert abs(near["in_domain"]["value"] - truth) < 0.02
+    assert far["in_domain"]["value"] < near["in_domain"]["value"]
+    cot = predict(law, ratio=0.6, examples=1000, format="cot")
+    assert cot["general"]["value"] > near["general"]["value"]  # the cot offset was fitted
+    lora = predict(law, ratio=0.6, examples=1000, method="lora")
+    assert lora["in_domain"]["extrapolated_offsets"] == ["method=lora"]  # never measured
+    with pytest.raises(FitError, match="ratio in"):
+        predict(law, ratio=1.5, examples=10)
+
+
+def test_bad_files_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ratio": 0.5}\n')
+    with pytest.raises(FitError, match=r"bad\.jsonl:1: missing examples"):
+        load_results(bad)
+    with pytest.raises(FitError, match="not a law file"):
+        (tmp_path / "law.json").write_text("{}")
+        load_law(tmp_path / "law.json")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_law_commands(results_file: Path, law_file: Path, tmp_path: Path) -> None:
+    shown = _cli("law", "show", str(law_file))
+    assert shown.returncode == 0 and "LOO median" in shown.stdout and "q_T" in shown.stdout
+    out = _cli("law", "predict", str(law_file), "--ratio", "0.4", "--examples", "500", "--json")
+    assert json.loads(out.stdout)["in_domain"]["value"] > 0.5
+    plotted = _cli("law", "plot", str(results_file), str(law_file), "-o", str(tmp_path / "p"))
+    assert plotted.returncode == 0, plotted.stderr
+    for name in ("quality_vs_ratio.png", "predicted_vs_measured.png"):
+        assert (tmp_path / "p" / name).read_bytes()[:4] == b"\x89PNG"
+    refit = _cli("law", "fit", str(results_file), "-o", str(tmp_path / "l.json"),
+                 "--resamples", "10", "--json")  # fmt: skip
+    assert refit.returncode == 0 and set(json.loads(refit.stdout)) == {"in_domain", "general"}
+    bad = _cli("law", "predict", str(law_file), "--ratio", "0", "--examples", "5")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "ratio in" in bad.stderr
