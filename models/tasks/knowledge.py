@@ -71,15 +71,56 @@ def general_knowledge(path: Path = DATA) -> GeneralKnowledge:
     return GeneralKnowledge({split: tuple(items) for split, items in rows.items()})
 
 
-def _pairs(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]):
-    """(prompt ids, option ids) for every option of every example, in order."""
-    for example in examples:
-        text = tokenizer.apply_chat_template(
-            example.messages(), add_generation_prompt=True, tokenize=False
-        )
-        head = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for option in example.choices:
-            yield head, tokenizer(option, add_special_tokens=False)["input_ids"]
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        example.messages(), add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _right_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask
+
+
+def _chunk_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
+) -> list[tuple[float, int]]:
+    """Summed option log-probabilities for a few examples. Each question is run once and
+    its KV cache copied to its options (4x less compute than one sequence per option)."""
+    pad = tokenizer.pad_token_id
+    ids, mask = _left_padded([_prompt_ids(tokenizer, e) for e in examples], pad)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    owner = [i for i, e in enumerate(examples) for _ in e.choices]
+    options = [
+        tokenizer(o, add_special_tokens=False)["input_ids"] for e in examples for o in e.choices
+    ]
+    first = torch.log_softmax(out.logits[owner, -1].float(), -1)
+    scores = [float(first[row, option[0]]) for row, option in enumerate(options)]
+    if max(map(len, options)) > 1:
+        cache = out.past_key_values
+        cache.reorder_cache(torch.tensor(owner))
+        rest, rest_mask = _right_padded([o[:-1] for o in options], pad)
+        full_mask = torch.cat([mask[owner], rest_mask], dim=1)
+        start = mask[owner].sum(-1, keepdim=True)
+        rest_positions = start + torch.arange(rest.shape[1])
+        logits = model(input_ids=rest, attention_mask=full_mask, position_ids=rest_positions,
+                       past_key_values=cache).logits  # fmt: skip
+        for row, option in enumerate(options):
+            if len(option) > 1:
+                steps = torch.log_softmax(logits[row, : len(option) - 1].float(), -1)
+                scores[row] += float(steps[torch.arange(len(option) - 1), option[1:]].sum())
+    return [(score, len(option)) for score, option in zip(scores, options, strict=True)]
 
 
 @torch.inference_mode()
@@ -87,35 +128,17 @@ def option_scores(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
-    batch_size: int = 32,
+    batch_size: int = 16,
 ) -> list[list[tuple[float, int]]]:
     """(summed log-probability, token count) of each option of each example."""
     model.eval()
-    pairs = list(_pairs(tokenizer, examples))
-    scores: list[tuple[float, int]] = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        rows = [h + o for h, o in chunk]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows_at, cols_at, targets = [], [], []
-        for row, (head, option) in enumerate(chunk):
-            rows_at += [row] * len(option)
-            cols_at += range(len(head) - 1, len(head) + len(option) - 1)
-            targets += option
-        # the vocabulary projection only where an option token is predicted
-        logits = model.lm_head(hidden[torch.tensor(rows_at), torch.tensor(cols_at)])
-        picked = torch.log_softmax(logits.float(), -1)[torch.arange(len(targets)), targets]
-        offset = 0
-        for _, option in chunk:
-            scores.append((float(picked[offset : offset + len(option)].sum()), len(option)))
-            offset += len(option)
-    out, offset = [], 0
-    for example in examples:
-        out.append(scores[offset : offset + len(example.choices)])
-        offset += len(example.choices)
+    out: list[list[tuple[float, int]]] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        flat = _chunk_scores(model, tokenizer, chunk)
+        for example in chunk:
+            out.append(flat[: len(example.choices)])
+            flat = flat[len(example.choices) :]
     return out
 
 

@@ -57,7 +57,7 @@ def test_batched_option_scores_equal_one_at_a_time(tiny_model_dir: Path) -> None
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     examples = get_task("general-knowledge").examples("test", 5)
-    batched = option_scores(model, tokenizer, examples, batch_size=7)
+    batched = option_scores(model, tokenizer, examples, batch_size=3)
     for example, scores in zip(examples, batched, strict=True):
         expected = _unbatched(model, tokenizer, example)
         np.testing.assert_allclose([s for s, _ in scores], expected, atol=1e-4)
