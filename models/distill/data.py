@@ -121,14 +121,44 @@ def target_positions(items: Sequence[TrainingSequence]) -> tuple[torch.Tensor, t
     return torch.tensor(rows), torch.tensor(cols)
 
 
+def shared_prefix(items: Sequence[TrainingSequence]) -> int:
+    """Length of the token prefix every sequence of a batch shares (the chat template and
+    the task's instruction), stopping before the first position a loss needs."""
+    first = items[0].ids
+    limit = min(s.start for s in items) - 1
+    length = 0
+    while length < limit and all(s.ids[length] == first[length] for s in items):
+        length += 1
+    return length
+
+
+def _hidden(base: PreTrainedModel, items: Sequence[TrainingSequence], pad: int) -> torch.Tensor:
+    """Final hidden states (B, T, H) of a right-padded batch. A prefix shared by the whole
+    batch is run once and its keys and values reused by every row (the prompts of a task
+    share most of their tokens, so this removes most of the work); gradients flow through
+    the shared part as through the rest."""
+    ids, mask = pad_batch(items, pad)
+    share = shared_prefix(items) if len(items) > 1 else 0
+    if share < 8:
+        return base.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    head = base.model(input_ids=ids[:1, :share], use_cache=True)
+    cache = head.past_key_values
+    cache.reorder_cache(torch.zeros(len(items), dtype=torch.long))
+    positions = torch.arange(share, ids.shape[1]).expand(len(items), -1)
+    tail = base.model(
+        input_ids=ids[:, share:], attention_mask=mask, position_ids=positions,
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # fmt: skip
+    return torch.cat([head.last_hidden_state.expand(len(items), -1, -1), tail], dim=1)
+
+
 def target_logits(
     model: PreTrainedModel, items: Sequence[TrainingSequence], pad: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, V) at the N target positions of a batch, and the target ids (N,). The
     vocabulary projection runs only there: on short answers it is most of the saving."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    ids, mask = pad_batch(items, pad)
-    hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = _hidden(base, items, pad)
     rows, cols = target_positions(items)
     targets = torch.tensor([t for s in items for t in s.target_ids])
     return base.lm_head(hidden[rows, cols]), targets

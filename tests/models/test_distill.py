@@ -157,3 +157,18 @@ def test_teacher_cache_round_trips(tmp_path, tiny_model_dir, sequences) -> None:
     assert [s.ids for s in loaded] == [s.ids for s in sequences]
     torch.testing.assert_close(loaded[3].teacher_logprobs, sequences[3].teacher_logprobs)
     assert cache.path(replace(key, top_k=8)) != cache.path(key)
+
+
+def test_a_shared_prefix_runs_once_with_the_same_result(tiny, sequences) -> None:
+    from models.distill.data import _hidden, pad_batch, shared_prefix, target_positions
+
+    load, tokenizer = tiny
+    model, items, pad = load(), sequences[:6], tokenizer.pad_token_id
+    assert 8 <= shared_prefix(items) < min(s.start for s in items)
+    ids, mask = pad_batch(items, pad)
+    rows, cols = target_positions(items)
+    plain = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[rows, cols]
+    shared = _hidden(model, items, pad)[rows, cols]
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
+    shared.sum().backward()  # gradients reach the weights through the shared keys/values
+    assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
