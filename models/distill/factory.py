@@ -97,14 +97,24 @@ def validate(store: ModelStore, spec: StudentSpec) -> Task:
     try:
         parse_schedule(spec.schedule)
         store.path_for(spec.model_name())
-        store.resolve(spec.teacher)
     except (ValueError, StoreError) as exc:
         raise FactoryError(str(exc)) from None
-    if store.path_for(spec.model_name()).exists():
-        raise FactoryError(f"model {spec.model_name()!r} is already registered")
     task = _task(spec.task)
     _check_examples(task, spec.examples)
+    _check_teacher(store, spec.teacher)
+    if store.path_for(spec.model_name()).exists():
+        raise FactoryError(f"model {spec.model_name()!r} is already registered")
     return task
+
+
+def _check_teacher(store: ModelStore, teacher: str) -> None:
+    """The teacher must be registered (the embedded one is converted later, on use)."""
+    try:
+        known = teacher == TEACHER_NAME or store.has(teacher)
+    except StoreError as exc:
+        raise FactoryError(str(exc)) from None
+    if not known:
+        raise FactoryError(f"teacher {teacher!r} is not in the store at {store.root}")
 
 
 def _load(path: Path) -> PreTrainedModel:
@@ -228,14 +238,15 @@ def adapt_teacher(
         raise FactoryError(f"epochs must be > 0, got {epochs}")
     task = _task(task_name)
     _check_examples(task, examples)
+    _check_teacher(store, teacher)
     name = name or f"{teacher}-{task.name}-{method}"
     try:
         store.path_for(name)
-        teacher_dir = store.resolve(teacher)
     except StoreError as exc:
         raise FactoryError(str(exc)) from None
     if store.path_for(name).exists():
         raise FactoryError(f"model {name!r} is already registered")
+    teacher_dir = store.resolve(teacher)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     cache = TeacherCache(store.root / ".cache" / "teacher")

@@ -67,7 +67,7 @@ def test_make_student_registers_a_loadable_student(store, fmt, method, schedule)
         ({"task": "general-knowledge"}, "no training split"),
         ({"examples": 3}, "examples must be at least 16"),
         ({"schedule": "iterative:0"}, "schedule must be"),
-        ({"teacher": "ghost"}, "'ghost' is not in the store"),
+        ({"teacher": "ghost"}, "teacher 'ghost' is not in the store"),
     ],
 )
 def test_bad_specs_fail_before_any_work(store, overrides, message) -> None:
