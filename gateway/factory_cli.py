@@ -96,6 +96,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("name")
     cmd.add_argument("--task", help="task to measure in-domain (default: the model's own)")
     cmd.add_argument("--test-examples", type=int, default=300)
+    cmd.add_argument("--heldout-examples", type=int, default=200, help="for KL and CE")
     cmd.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     _common(cmd)
     cmd.set_defaults(func=_run_eval)
@@ -231,8 +232,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     from models.store import StoreError
     from models.tasks import TaskError
 
-    if args.test_examples < 1:
-        raise CliError(f"--test-examples must be at least 1, got {args.test_examples}")
+    for flag, value in (("--test-examples", args.test_examples),
+                        ("--heldout-examples", args.heldout_examples)):  # fmt: skip
+        if value < 1:
+            raise CliError(f"{flag} must be at least 1, got {value}")
     store = _store(args.store)
     try:
         manifest = evaluate_entry(
@@ -240,6 +243,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             args.name,
             task=args.task,
             test_examples=args.test_examples,
+            heldout_examples=args.heldout_examples,
             latency=not args.no_latency,
         )
     except (StoreError, TaskError) as exc:

@@ -44,8 +44,10 @@ def test_distil_evaluate_and_serve_a_student(teacher_dir: Path, tmp_path: Path) 
     assert manifest["parent"] == TEACHER_NAME and manifest["supervision"] == "logits"
     assert manifest["pruning"]["steps"][0]["num_hidden_layers"] == 15
 
-    scored = _cli("eval", "fin-student", "--test-examples", "16", "--no-latency",
-                  "--store", str(store.root), "--json")  # fmt: skip
+    scored = _cli(
+        "eval", "fin-student", "--test-examples", "16", "--heldout-examples", "16",
+        "--no-latency", "--store", str(store.root), "--json",
+    )  # fmt: skip
     assert scored.returncode == 0, scored.stderr[-3000:]
     evaluation = json.loads(scored.stdout)["evaluation"]
     domain = evaluation["in_domain"]["finance-headlines"]
