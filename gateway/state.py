@@ -55,7 +55,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Build every backend (converting the embedded teacher on first use, off the event
-        loop) and start them concurrently; on failure stop the ones that started."""
+        loop) and start them (see _start_all); on failure stop the ones that started."""
         try:
             built = await asyncio.to_thread(self._build)
         except Exception as exc:
@@ -65,9 +65,7 @@ class Gateway:
         stored = [m.name for m in self.config.models if isinstance(m, LocalModel) and not m.path]
         if stored:  # so that `distillgate students remove` refuses what we serve
             self.store.lease(stored)
-        results = await asyncio.gather(
-            *(b.start() for b in self.backends.values()), return_exceptions=True
-        )
+        results = await self._start_all()
         failed = [
             f"{name}: {res}"
             for name, res in zip(self.backends, results, strict=True)
@@ -79,6 +77,29 @@ class Gateway:
             raise RuntimeError(self.failure)
         self.ready = True
         log.info("ready: %s", ", ".join(self.backends))
+
+    async def _start_all(self) -> list[BaseException | None]:
+        """Start in-process models one at a time (transformers' model loading keeps
+        process-wide state, e.g. its meta-device context, so two threads loading at once
+        corrupt each other: "Cannot copy out of meta tensor"), the others concurrently."""
+        local = {m.name for m in self.config.models if isinstance(m, LocalModel)}
+        results: dict[str, BaseException | None] = {}
+
+        async def one(name: str) -> None:
+            try:
+                await self.backends[name].start()
+                results[name] = None
+            except Exception as exc:
+                results[name] = exc
+
+        async def locals_in_turn() -> None:
+            for name in self.backends:
+                if name in local:
+                    await one(name)
+
+        remote = [one(n) for n in self.backends if n not in local]
+        await asyncio.gather(locals_in_turn(), *remote)
+        return [results[name] for name in self.backends]
 
     def _build(self) -> dict[str, Backend]:
         make = self.factory or (lambda m: build_backend(m, self.config, self.store))
