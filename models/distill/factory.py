@@ -180,10 +180,31 @@ def make_student(
     final = replace(config, max_steps=budgets[-1])
     student, report = train(student, items, objective, final, pad, work / "final", progress)
     reports.append(asdict(report))
-    manifest = Manifest(
-        name=name,
+    training = {
+        **asdict(config),
+        "top_k": spec.top_k if spec.format != "answers" else None,
+        "learning_rate": config.learning_rate(),
+        "phases": reports,
+        "teacher_seconds": round(teacher_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    manifest = _student_manifest(spec, task.name, prune_reports, training)
+    store.register(manifest, lambda out: save_pruned(student, tokenizer, out))
+    shutil.rmtree(work, ignore_errors=True)
+    if evaluate:
+        from models.evaluate import evaluate_entry
+
+        return evaluate_entry(store, name)
+    return store.manifest(name)
+
+
+def _student_manifest(
+    spec: StudentSpec, task: str, prune_reports: list, training: dict[str, Any]
+) -> Manifest:
+    return Manifest(
+        name=spec.model_name(),
         parent=spec.teacher,
-        task=task.name,
+        task=task,
         compression_ratio=prune_reports[-1].achieved_ratio,
         pruning={
             "method": spec.pruning,
@@ -195,22 +216,8 @@ def make_student(
         supervision=spec.format,
         method=spec.method,
         seed=spec.seed,
-        training={
-            **asdict(config),
-            "top_k": spec.top_k if spec.format != "answers" else None,
-            "learning_rate": config.learning_rate(),
-            "phases": reports,
-            "teacher_seconds": round(teacher_seconds, 1),
-            "seconds": round(time.perf_counter() - started, 1),
-        },
+        training=training,
     )
-    store.register(manifest, lambda out: save_pruned(student, tokenizer, out))
-    shutil.rmtree(work, ignore_errors=True)
-    if evaluate:
-        from models.evaluate import evaluate_entry
-
-        return evaluate_entry(store, name)
-    return store.manifest(name)
 
 
 def _brief(report: dict[str, Any]) -> dict[str, Any]:
