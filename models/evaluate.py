@@ -128,7 +128,7 @@ def _answers(store: ModelStore, name: str, task: Task, examples: list[Example]) 
     """Greedy answers of model `name`, cached beside the registry (keyed by its weights)."""
     model_dir = store.resolve(name)
     stat = (model_dir / "model.safetensors").stat()
-    key = json.dumps([name, stat.st_size, stat.st_mtime_ns, [e.id for e in examples]])
+    key = json.dumps([name, stat.st_size, stat.st_mtime_ns, [[e.id, e.prompt] for e in examples]])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = store.root / ".cache" / "answers" / f"{name}-{task.name}-{digest}.json"
     if path.is_file():

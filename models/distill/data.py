@@ -197,12 +197,18 @@ def _rationale_prompt(example: Example) -> list[dict[str, str]]:
     return [{"role": "user", "content": example.prompt + RATIONALE_ASK}]
 
 
+def content_hash(examples: Sequence[Example]) -> str:
+    text = json.dumps([[e.prompt, e.answer] for e in examples])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class CacheKey:
     teacher: str  # the teacher's directory, with a fingerprint of its weights
     task: str
     split: str
     ids: tuple[str, ...]
+    content: str  # a hash of the examples' prompts and answers: a changed task misses
     format: Format
     targets: Targets
     top_k: int
@@ -293,6 +299,7 @@ def cached_sequences(
         task,
         split,
         tuple(e.id for e in examples),
+        content_hash(examples),
         fmt,
         options.get("targets", "teacher"),
         options.get("top_k", 128) if fmt != "answers" else 0,

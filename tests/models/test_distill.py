@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.distill.data import CacheKey, TeacherCache, teacher_sequences
+from models.distill.data import CacheKey, TeacherCache, content_hash, teacher_sequences
 from models.distill.losses import cot_loss, masked_ce, topk_forward_kl
 from models.distill.train import TrainConfig, _loss, prepare, train
 from models.tasks.base import Example
@@ -148,15 +148,17 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny, sequences, tmp_path, mon
 
 def test_teacher_cache_round_trips(tmp_path, tiny_model_dir, sequences) -> None:
     cache = TeacherCache(tmp_path)
-    key = CacheKey(
-        str(tiny_model_dir), "t", "train", tuple(e.id for e in EXAMPLES), "cot", "teacher", 16
-    )
+    ids = tuple(e.id for e in EXAMPLES)
+    key = CacheKey(str(tiny_model_dir), "t", "train", ids, content_hash(EXAMPLES), "cot",
+                   "teacher", 16)  # fmt: skip
     assert cache.load(key) is None
     cache.save(key, sequences)
     loaded = cache.load(key)
     assert [s.ids for s in loaded] == [s.ids for s in sequences]
     torch.testing.assert_close(loaded[3].teacher_logprobs, sequences[3].teacher_logprobs)
     assert cache.path(replace(key, top_k=8)) != cache.path(key)
+    changed = [replace(EXAMPLES[0], prompt="another prompt"), *EXAMPLES[1:]]
+    assert cache.path(replace(key, content=content_hash(changed))) != cache.path(key)
 
 
 def test_a_shared_prefix_runs_once_with_the_same_result(tiny, sequences) -> None:
