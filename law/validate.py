@@ -52,15 +52,22 @@ def noise_floor(keys: Sequence[tuple], y: np.ndarray) -> float:
     return float(np.sqrt(sum(spread) / dof)) if dof else float("nan")
 
 
+def _finite(statistic, errors: np.ndarray) -> float:
+    """The statistic over the errors that could be computed; NaN when none could (e.g.
+    every ratio left out leaves a single ratio, which cannot be fitted)."""
+    kept = errors[np.isfinite(errors)]
+    return float(statistic(kept)) if kept.size else float("nan")
+
+
 def summary(form: str, x: Features, y: np.ndarray) -> dict[str, float]:
     """Median and mean held-out errors, in-sample error and information criteria."""
     result: Fit = fit(form, x, y)
     loo, loro = leave_one_out(form, x, y), leave_one_ratio_out(form, x, y)
     return {
-        "loo_median_abs": float(np.nanmedian(loo)),
-        "loo_mean_abs": float(np.nanmean(loo)),
-        "loro_median_abs": float(np.nanmedian(loro)),
-        "loro_mean_abs": float(np.nanmean(loro)),
+        "loo_median_abs": _finite(np.median, loo),
+        "loo_mean_abs": _finite(np.mean, loo),
+        "loro_median_abs": _finite(np.median, loro),
+        "loro_mean_abs": _finite(np.mean, loro),
         "in_sample_rmse": float(np.sqrt(result.rss / result.n)),
         **information_criteria(result),
     }
