@@ -17,7 +17,7 @@ import platform
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -39,36 +39,12 @@ class Block(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ratios: list[float] = Field(min_length=1)
-    examples: list[int] = Field(min_length=1)
+    ratios: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=1)
+    examples: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
-    formats: list[str] = Field(default=["logits"], min_length=1)
-    methods: list[str] = Field(default=["full"], min_length=1)
+    formats: list[Literal["answers", "logits", "cot"]] = Field(default=["logits"], min_length=1)
+    methods: list[Literal["full", "lora"]] = Field(default=["full"], min_length=1)
     schedules: list[str] = Field(default=["one-shot"], min_length=1)
-
-    @field_validator("ratios")
-    @classmethod
-    def _ratios(cls, values: list[float]) -> list[float]:
-        bad = [v for v in values if not 0 < v <= 1]
-        if bad:
-            raise ValueError(f"ratios must be in (0, 1], got {bad}")
-        return values
-
-    @field_validator("formats")
-    @classmethod
-    def _formats(cls, values: list[str]) -> list[str]:
-        bad = [v for v in values if v not in ("answers", "logits", "cot")]
-        if bad:
-            raise ValueError(f"formats must be answers, logits or cot, got {bad}")
-        return values
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, values: list[str]) -> list[str]:
-        bad = [v for v in values if v not in ("full", "lora")]
-        if bad:
-            raise ValueError(f"methods must be full or lora, got {bad}")
-        return values
 
     @field_validator("schedules")
     @classmethod

@@ -19,6 +19,17 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`distillgate ARGS` as a child process; its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

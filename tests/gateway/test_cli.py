@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import cli
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -53,14 +55,7 @@ def test_bad_port_from_environment(tmp_path: Path) -> None:
     assert out.returncode == 2 and "port" in out.stderr and "Traceback" not in out.stderr
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+_cli = cli
 
 
 @pytest.mark.parametrize(

@@ -7,26 +7,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import openai
 import pytest
 
 from models.store import TEACHER_NAME, ModelStore
-from tests.servers import REPO, gateway
+from tests.servers import cli, gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return cli(*args, timeout=900)
 
 
 def test_distil_evaluate_and_serve_a_student(teacher_dir: Path, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,7 @@ import pytest
 from law.data import load_results
 from law.fit import FitError
 from law.predict import fit_law, load_law, predict, save_law
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.servers import cli
 
 
 def _rows() -> list[dict]:
@@ -85,8 +83,7 @@ def test_bad_files_are_refused(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return cli(*args, timeout=300)
 
 
 def test_law_commands(results_file: Path, law_file: Path, tmp_path: Path) -> None:
