@@ -63,3 +63,5 @@ async def _load(gw: Gateway, on_failure: Callable[[str], None] | None) -> None:
         log.error("%s", gw.failure)
         if on_failure is not None:
             on_failure(gw.failure or "the models could not be loaded")
+        return
+    await gw.refresh_routing()

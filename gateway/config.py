@@ -1,4 +1,5 @@
-"""The gateway's YAML config: models and server limits, validated strictly and all at once.
+"""The gateway's YAML config: models, server limits and routing, validated strictly and all
+at once.
 
 `load_config(path)` returns a `GatewayConfig` or raises `ConfigError` listing every
 problem with its path in the file (`models[1].url: Field required`), so a user fixes a
@@ -13,7 +14,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "default.yaml"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEFAULT_CONFIG = DEPLOY / "default.yaml"
+DEFAULT_POLICY = DEPLOY / "policy.yaml"
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][\w.:-]*$")]
 
@@ -76,9 +79,18 @@ class Limits(_Strict):
     connect_timeout_s: float = Field(5.0, gt=0)
 
 
+class Routing(_Strict):
+    """What `model: "auto"` needs: the policy file (SLO classes; reloaded when it
+    changes) and the fitted law (law.json). Relative paths are from the config file."""
+
+    policy: Path | None = DEFAULT_POLICY
+    law: Path | None = None
+
+
 class GatewayConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     limits: Limits = Limits()
+    routing: Routing = Routing()
     store: Path | None = None
 
     @model_validator(mode="after")
@@ -116,7 +128,13 @@ def load_config(path: Path | str | None = None) -> GatewayConfig:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
-    return parse_config(data, source=str(path))
+    config = parse_config(data, source=str(path))
+    routing = config.routing
+    paths = {k: path.parent / v for k, v in (("policy", routing.policy), ("law", routing.law))
+             if v is not None and not v.is_absolute()}  # fmt: skip
+    if paths:
+        config = config.model_copy(update={"routing": routing.model_copy(update=paths)})
+    return config
 
 
 def parse_config(data: object, source: str = "<config>") -> GatewayConfig:

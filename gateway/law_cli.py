@@ -1,5 +1,5 @@
 """The law's commands: `sweep` (make and measure a grid of students) and `law fit |
-predict | plot | show`. Bad input is one line and exit code 2 (CliError)."""
+predict | plot | report | show`. Bad input is one line and exit code 2 (CliError)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     plot.add_argument("law", type=Path)
     plot.add_argument("-o", "--output", type=Path, default=Path("plots"))
     plot.set_defaults(func=_run_plot)
+    report = actions.add_parser("report", help="the findings as Markdown tables")
+    report.add_argument("results", type=Path)
+    report.add_argument("law", type=Path)
+    report.set_defaults(func=_run_report)
     show = actions.add_parser("show", help="forms, parameters and errors as a table")
     show.add_argument("law", type=Path)
     show.add_argument("--json", action="store_true")
@@ -117,6 +121,18 @@ def _run_plot(args: argparse.Namespace) -> int:
     except _law_errors() as exc:
         raise CliError(str(exc)) from None
     print("\n".join(map(str, paths)))
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from law.data import load_results
+    from law.findings import report
+    from law.predict import load_law
+
+    try:
+        print(report(load_results(args.results), load_law(args.law)))
+    except _law_errors() as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 

@@ -18,6 +18,7 @@ from models.backends.base import Backend
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 
@@ -79,6 +80,42 @@ class Metrics:
             "Largest number of sequences a backend decoded together while a request ran.",
             ["model"],
             buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.route_decisions = Counter(
+            "distillgate_route_decisions",
+            "Routing decisions for model auto, by chosen model, SLO class and reason.",
+            ["model", "slo_class", "reason"],
+            registry=r,
+        )
+        self.slo_requests = Counter(
+            "distillgate_slo_requests",
+            "Routed requests answered within (met) or beyond (missed) their class's latency.",
+            ["slo_class", "outcome"],
+            registry=r,
+        )
+        self.route_latency_ratio = Histogram(
+            "distillgate_route_latency_ratio",
+            "Observed over predicted request latency of routed requests.",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.route_cost = Counter(
+            "distillgate_route_cost",
+            "Estimated cost of routed requests (the policy's cost units).",
+            ["model"],
+            registry=r,
+        )
+        self.route_cost_saved = Counter(
+            "distillgate_route_cost_saved",
+            "Estimated cost saved by routing, against sending every request to the teacher.",
+            registry=r,
+        )
+        self.domain_detections = Counter(
+            "distillgate_domain_detections",
+            "Routed requests by detected domain.",
+            ["domain"],
             registry=r,
         )
         r.register(_LoadCollector(backends))

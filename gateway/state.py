@@ -1,6 +1,6 @@
 """The gateway's state, built in the app's lifespan: the config, one backend per model,
-the metrics, and whether loading has finished. Reached by the endpoints through
-`Annotated[Gateway, Depends(get_gateway)]`."""
+the metrics, the router of `model: "auto"`, and whether loading has finished. Reached by
+the endpoints through `Annotated[Gateway, Depends(get_gateway)]`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from fastapi import Depends, Request
 from gateway.config import GatewayConfig, LocalModel, ModelConfig, OpenAIModel, VLLMModel
 from gateway.errors import ModelNotFound, ServiceUnavailable
 from gateway.metrics import Metrics
+from gateway.routing.policy import PolicyError
+from gateway.routing.router import Router
+from law.fit import FitError
 from models.backends.base import Backend
 from models.store import ModelStore, StoreError
 
@@ -32,6 +35,7 @@ class Gateway:
     factory: Factory | None = None
     backends: dict[str, Backend] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
+    router: Router | None = None
     ready: bool = False
     failure: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
@@ -75,6 +79,14 @@ class Gateway:
             self.failure = "could not start " + "; ".join(failed)
             await self.stop()
             raise RuntimeError(self.failure)
+        try:
+            self.router = await asyncio.to_thread(
+                Router.build, self.config, self.store, self.backends, self.metrics
+            )
+        except (PolicyError, FitError, StoreError, OSError) as exc:
+            self.failure = f"could not set up routing: {exc}"
+            await self.stop()
+            raise RuntimeError(self.failure) from exc
         self.ready = True
         log.info("ready: %s", ", ".join(self.backends))
 
@@ -104,6 +116,13 @@ class Gateway:
     def _build(self) -> dict[str, Backend]:
         make = self.factory or (lambda m: build_backend(m, self.config, self.store))
         return {m.name: make(m) for m in self.config.models}
+
+    async def refresh_routing(self, every_s: float = 1.0) -> None:
+        """Reread the routing policy and the served models' manifests, forever."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.router is not None:
+                await asyncio.to_thread(self.router.refresh)
 
     async def stop(self) -> None:
         self.ready = False

@@ -6,13 +6,13 @@ from fastapi import APIRouter, Request, Response
 
 from gateway.api.generation import (
     Job,
-    Tracker,
     cancel_on_disconnect,
     complete,
     parse_body,
     sampling,
     sse,
     stream_response,
+    target,
 )
 from gateway.errors import InvalidRequest
 from gateway.protocol import (
@@ -27,6 +27,7 @@ from gateway.protocol import (
     new_id,
     now,
 )
+from gateway.routing.router import request_text
 from gateway.state import GatewayDep
 from models.backends.base import GenerationChunk, GenerationRequest
 
@@ -43,32 +44,29 @@ def _check_supported(req: ChatCompletionRequest) -> None:
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     req = await parse_body(request, ChatCompletionRequest, gw.config.limits.max_body_bytes)
-    backend = gw.backend(req.model)
     _check_supported(req)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling(req, gw, max_tokens, param)
-    rid, created = new_id("chatcmpl"), now()
-    gen = GenerationRequest(
-        request_id=rid,
-        params=params,
-        messages=tuple({"role": m.role, "content": m.text()} for m in req.messages),
-        stream=bool(req.stream),
-    )
-    tracker = Tracker(gw.metrics, req.model, "chat")
-    job = Job(backend, gen, tracker, "messages", default_max_tokens=max_tokens is None)
+    messages = tuple({"role": m.role, "content": m.text()} for m in req.messages)
+    to = target(gw, request, req.model, request_text(messages), params.max_tokens)
+    rid, created, model = new_id("chatcmpl"), now(), to.model
+    gen = GenerationRequest(request_id=rid, params=params, messages=messages,
+                            stream=bool(req.stream))  # fmt: skip
+    tracker = to.tracker(gw, "chat")
+    job = Job(to.backend, gen, tracker, "messages", default_max_tokens=max_tokens is None)
     if req.stream:
         usage = req.include_usage()
 
         def frame(chunk: GenerationChunk, first: bool) -> list[bytes]:
-            return _chunk_events(rid, created, req.model, chunk, first, usage)
+            return _chunk_events(rid, created, model, chunk, first, usage)
 
-        return await stream_response(job, frame)
+        return await stream_response(job, frame, to.headers)
     result = await cancel_on_disconnect(request, complete(gw, job))
     body = ChatCompletion(
         id=rid,
         created=created,
-        model=req.model,
+        model=model,
         choices=[
             ChatChoice(
                 message=AssistantMessage(content=result.text), finish_reason=result.finish_reason
@@ -76,7 +74,7 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
         ],
         usage=Usage.of(result.prompt_tokens, result.completion_tokens),
     )
-    return Response(body.model_dump_json(), media_type="application/json")
+    return Response(body.model_dump_json(), media_type="application/json", headers=to.headers)
 
 
 def _chunk_events(

@@ -6,13 +6,13 @@ from fastapi import APIRouter, Request, Response
 
 from gateway.api.generation import (
     Job,
-    Tracker,
     cancel_on_disconnect,
     complete,
     parse_body,
     sampling,
     sse,
     stream_response,
+    target,
 )
 from gateway.errors import InvalidRequest
 from gateway.protocol import Completion, CompletionChoice, CompletionRequest, Usage, new_id, now
@@ -43,30 +43,30 @@ def _check_supported(req: CompletionRequest) -> None:
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request, gw: GatewayDep) -> Response:
     req = await parse_body(request, CompletionRequest, gw.config.limits.max_body_bytes)
-    backend = gw.backend(req.model)
     _check_supported(req)
     prompt = _prompt(req)
     params = sampling(req, gw, req.max_tokens, "max_tokens")
-    rid, created = new_id("cmpl"), now()
+    to = target(gw, request, req.model, prompt, params.max_tokens)
+    rid, created, model = new_id("cmpl"), now(), to.model
     gen = GenerationRequest(request_id=rid, params=params, prompt=prompt, stream=bool(req.stream))
-    tracker = Tracker(gw.metrics, req.model, "completions")
-    job = Job(backend, gen, tracker, "prompt", default_max_tokens=req.max_tokens is None)
+    job = Job(to.backend, gen, to.tracker(gw, "completions"), "prompt",
+              default_max_tokens=req.max_tokens is None)  # fmt: skip
     if req.stream:
         usage = req.include_usage()
 
         def frame(chunk: GenerationChunk, first: bool) -> list[bytes]:
-            return _chunk_events(rid, created, req.model, chunk, usage)
+            return _chunk_events(rid, created, model, chunk, usage)
 
-        return await stream_response(job, frame)
+        return await stream_response(job, frame, to.headers)
     result = await cancel_on_disconnect(request, complete(gw, job))
     body = Completion(
         id=rid,
         created=created,
-        model=req.model,
+        model=model,
         choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
         usage=Usage.of(result.prompt_tokens, result.completion_tokens),
     )
-    return Response(body.model_dump_json(), media_type="application/json")
+    return Response(body.model_dump_json(), media_type="application/json", headers=to.headers)
 
 
 def _chunk_events(

@@ -29,6 +29,7 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.protocol import _Sampling
+from gateway.routing.router import Route, api_key_of, is_auto
 from gateway.state import Gateway
 from models.backends.base import (
     Backend,
@@ -83,6 +84,41 @@ def sampling(req: _Sampling, gw: Gateway, max_tokens: int | None, param: str) ->
     )
 
 
+@dataclass(frozen=True)
+class Target:
+    """The model a request goes to: the one it names, or the router's choice for auto."""
+
+    backend: Backend
+    model: str
+    route: Route | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.route.headers() if self.route else {"x-distillgate-model": self.model}
+
+    def tracker(self, gw: Gateway, endpoint: str) -> Tracker:
+        route, router = self.route, gw.router
+        observer = None
+        if route is not None and router is not None:
+
+            def observer(outcome: str, ttft: float | None, duration: float, tokens: int) -> None:
+                router.observe(route, outcome, ttft, duration, tokens)
+
+        return Tracker(gw.metrics, self.model, endpoint, observer)
+
+
+def target(gw: Gateway, request: Request, model: str, text: str, max_tokens: int) -> Target:
+    """Route `model: "auto"` / `"auto:<class>"`; any other name is served as asked."""
+    if not is_auto(model):
+        return Target(gw.backend(model), model, None)
+    if not gw.ready or gw.router is None:
+        reason = gw.failure or "the gateway is still loading its models"
+        raise ServiceUnavailable(f"Not ready: {reason}.", retry_after=5)
+    key = api_key_of(request.headers.get("authorization"))
+    route = gw.router.route(text, model, request.headers, key, max_tokens)
+    return Target(gw.backend(route.model), route.model, route)
+
+
 @dataclass
 class Result:
     text: str
@@ -91,15 +127,22 @@ class Result:
     completion_tokens: int
 
 
+Observer = Callable[[str, float | None, float, int], None]  # outcome, ttft, duration, tokens
+
+
 @dataclass
 class Tracker:
-    """Observes one request: TTFT, inter-token latency, tokens, outcome."""
+    """Observes one request: TTFT, inter-token latency, tokens, outcome; `observer` (the
+    router's, for routed requests) hears the outcome, TTFT, duration and tokens at the end."""
 
     metrics: Metrics
     model: str
     endpoint: str
+    observer: Observer | None = None
     start: float = field(default_factory=time.perf_counter)
     last: float | None = None
+    first: float | None = None
+    completion_tokens: int = 0
     finished: bool = False
 
     def __post_init__(self) -> None:
@@ -109,13 +152,15 @@ class Tracker:
     def chunk(self, chunk: GenerationChunk) -> None:
         t, m = time.perf_counter(), self.bound
         if self.last is None:
-            m.ttft.observe(t - self.start)
+            self.first = t - self.start
+            m.ttft.observe(self.first)
         elif chunk.text:
             m.itl.observe(t - self.last)
         self.last = t
         if chunk.finish_reason is not None:
             m.prompt_tokens.inc(chunk.prompt_tokens or 0)
             m.completion_tokens.inc(chunk.completion_tokens or 0)
+            self.completion_tokens = chunk.completion_tokens or 0
             if chunk.batch_size:
                 m.batch_size.observe(chunk.batch_size)
 
@@ -124,7 +169,10 @@ class Tracker:
             return
         self.finished = True
         self.bound.in_flight.dec()
-        self.bound.e2e.observe(time.perf_counter() - self.start)
+        duration = time.perf_counter() - self.start
+        self.bound.e2e.observe(duration)
+        if self.observer is not None:
+            self.observer(outcome, self.first, duration, self.completion_tokens)
         self.metrics.requests.labels(self.model, self.endpoint, outcome).inc()
         if error is not None:
             self.metrics.errors.labels(self.model, error.type).inc()
@@ -206,7 +254,9 @@ async def complete(gw: Gateway, job: Job) -> Result:
 Frame = Callable[[GenerationChunk, bool], list[bytes]]
 
 
-async def stream_response(job: Job, frame: Frame) -> StreamingResponse:
+async def stream_response(
+    job: Job, frame: Frame, headers: dict[str, str] | None = None
+) -> StreamingResponse:
     """SSE: `frame(chunk, first)` renders each chunk's events; an error after the stream
     has started goes out as an error event, then `[DONE]`."""
     tracker, param = job.tracker, job.param
@@ -242,8 +292,9 @@ async def stream_response(job: Job, frame: Frame) -> StreamingResponse:
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+        events(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", **(headers or {})},
+    )  # fmt: skip
 
 
 def sse(model: BaseModel) -> bytes:

@@ -1,4 +1,5 @@
-"""GET /v1/models: every configured model, in OpenAI's list shape."""
+"""GET /v1/models: every configured model, then `auto` and one `auto:<class>` per SLO
+class of the routing policy, in OpenAI's list shape."""
 
 from __future__ import annotations
 
@@ -27,4 +28,9 @@ async def list_models(gw: GatewayDep) -> Response:
                 backend=model.backend,
             )
         )
+    if gw.router is not None:  # the router's entries: `auto` and `auto:<class>` for each class
+        policy = gw.router.policy
+        for name in ("auto", *(f"auto:{c}" for c in policy.classes)):
+            entries.append(ModelEntry(id=name, created=gw.started, role="router",
+                                      backend="routing"))  # fmt: skip
     return Response(ModelList(data=entries).model_dump_json(), media_type="application/json")

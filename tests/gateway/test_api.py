@@ -151,7 +151,9 @@ def test_unknown_fields_are_ignored(http: TestClient) -> None:
 
 def test_models_list(sdk: openai.OpenAI) -> None:
     models = sdk.models.list().data
-    assert [m.id for m in models] == ["tiny"] and models[0].object == "model"
+    classes = ["auto:interactive", "auto:batch", "auto:exact", "auto:cheapest"]  # deploy/policy
+    assert [m.id for m in models] == ["tiny", "auto", *classes]
+    assert models[0].object == "model" and models[1].role == "router"
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """law.json from sweep-shaped results: fitted, saved, loaded unchanged, used for
-predictions with intervals, shown, plotted; and the `distillgate law` commands on it."""
+predictions with intervals, shown, plotted, reported; and the `distillgate law` commands on
+it and on the committed sweep results."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from law.data import load_results
+from law.findings import comparisons, retention_by_ratio
 from law.fit import FitError
 from law.predict import fit_law, load_law, predict, save_law
 from tests.servers import cli
@@ -100,3 +102,32 @@ def test_law_commands(results_file: Path, law_file: Path, tmp_path: Path) -> Non
     assert refit.returncode == 0 and set(json.loads(refit.stdout)) == {"in_domain", "general"}
     bad = _cli("law", "predict", str(law_file), "--ratio", "0", "--examples", "5")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "ratio in" in bad.stderr
+
+
+def test_findings_compare_variants_with_the_baseline(results_file: Path) -> None:
+    results = load_results(results_file)
+    retention = retention_by_ratio(results)
+    assert [e["target_ratio"] for e in retention] == [0.25, 0.4, 0.6, 0.8]
+    assert all(e["examples"] == 1000 and e["seeds"] == 2 for e in retention)
+    assert retention[0]["in_domain_retention"] < retention[-1]["in_domain_retention"] < 1
+    cot = [c for c in comparisons(results) if c["target"] == "general"]
+    assert {c["variant"] for c in cot} == {"cot supervision"} and len(cot) == 4
+    for c in cot:  # generated with +0.03 general accuracy for cot, noise sd 0.01
+        assert c["low"] < 0.03 < c["high"] and c["high"] - c["low"] < 0.08
+
+
+def test_cli_on_the_committed_results(tmp_path: Path) -> None:
+    """The sweep's committed results refit, and the committed law shows, predicts and
+    reports (each a real subprocess of the CLI)."""
+    committed, law = Path("docs/results/default.jsonl"), Path("docs/results/law.json")
+    refit = _cli("law", "fit", str(committed), "-o", str(tmp_path / "law.json"),
+                 "--resamples", "10", "--json")  # fmt: skip
+    assert refit.returncode == 0, refit.stderr
+    assert set(json.loads(refit.stdout)) >= {"in_domain", "general"}
+    shown = _cli("law", "show", str(law))
+    assert shown.returncode == 0 and f"students from {committed}" in shown.stdout
+    out = _cli("law", "predict", str(law), "--ratio", "0.4", "--examples", "800", "--json")
+    predicted = json.loads(out.stdout)
+    assert 0 <= predicted["in_domain"]["low"] <= predicted["in_domain"]["high"] <= 1
+    report = _cli("law", "report", str(committed), str(law))
+    assert report.returncode == 0 and "| cot supervision | general |" in report.stdout

@@ -1,0 +1,140 @@
+"""How well each served model would answer a request of each domain, predicted once per
+(model, domain) whenever the models or the law change, and looked up per request.
+
+A student's quality on its own task is in-domain accuracy; on any other domain it is its
+general-knowledge accuracy. Two sources, when present, are combined by inverse variance
+(each 95% interval read as +-1.96 sd): the law's prediction from the student's manifest
+features (compression ratio, examples, format, method, schedule; only for the task and
+teacher the law was fitted on) and the student's own measured evaluation. The router uses
+the lower end of the combined 95% interval, so an uncertain student is trusted less.
+
+Relative quality divides by the reference teacher's accuracy on the same domain (the
+served teacher that measured best there); the reference itself is 1 by definition.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.routing.domains import GENERAL
+from models.store import Manifest
+
+Z95 = 1.959964
+
+
+@dataclass(frozen=True)
+class Quality:
+    value: float  # predicted accuracy
+    low: float  # lower end of its 95% interval: what routing relies on
+    source: str  # measured | law | law+measured | unknown
+
+    @property
+    def known(self) -> bool:
+        return self.source != "unknown"
+
+
+UNKNOWN = Quality(0.0, 0.0, "unknown")
+
+
+def _estimate(interval: Mapping[str, float] | None) -> tuple[float, float] | None:
+    """(mean, variance) from a {value, low, high} interval."""
+    if not interval or interval.get("value") is None:
+        return None
+    low, high = interval.get("low"), interval.get("high")
+    sd = (high - low) / (2 * Z95) if low is not None and high is not None else 0.05
+    return float(interval["value"]), max(sd, 0.005) ** 2
+
+
+def measured(manifest: Manifest, domain: str) -> dict[str, float] | None:
+    """The model's measured accuracy interval on `domain` (general knowledge when it was
+    not evaluated on that domain)."""
+    ev = manifest.evaluation
+    if domain != GENERAL and domain in ev.get("in_domain", {}):
+        return ev["in_domain"][domain].get("accuracy")
+    if manifest.role == "student" and domain == manifest.task:
+        return None  # its own task, not evaluated: the law may still know
+    return ev.get("general_knowledge", {}).get("accuracy")
+
+
+def from_law(law: Mapping[str, Any] | None, manifest: Manifest, domain: str):
+    """The law's prediction interval for a student on `domain`, when the law covers it."""
+    if law is None or manifest.role != "student" or manifest.compression_ratio is None:
+        return None
+    if manifest.task != law.get("task") or manifest.parent not in (None, law.get("teacher")):
+        return None
+    from law.fit import FitError
+    from law.predict import predict
+
+    schedule = manifest.pruning.get("schedule", "one-shot")
+    try:
+        out = predict(
+            law, ratio=manifest.compression_ratio, examples=float(manifest.examples or 1),
+            format=manifest.supervision or "logits", method=manifest.method or "full",
+            schedule=schedule,
+        )  # fmt: skip
+    except FitError:
+        return None
+    return out.get("in_domain" if domain == manifest.task else "general")
+
+
+def predict_quality(manifest: Manifest, domain: str, law: Mapping[str, Any] | None) -> Quality:
+    sources = {
+        "law": _estimate(from_law(law, manifest, domain)),
+        "measured": _estimate(measured(manifest, domain)),
+    }
+    present = {k: v for k, v in sources.items() if v is not None}
+    if not present:
+        return UNKNOWN
+    weights = {k: 1 / var for k, (_, var) in present.items()}
+    total = sum(weights.values())
+    mean = sum(weights[k] * m for k, (m, _) in present.items()) / total
+    low = mean - Z95 * math.sqrt(1 / total)
+    return Quality(mean, max(0.0, low), "+".join(sorted(present)))
+
+
+@dataclass(frozen=True)
+class QualityTable:
+    """Predicted quality of every model on every domain, and the reference teachers."""
+
+    absolute: dict[tuple[str, str], Quality]
+    reference: dict[str, str | None]  # domain -> the reference teacher's name
+
+    def get(self, model: str, domain: str, relative: bool) -> float:
+        """The conservative quality routing compares with a class's min_quality."""
+        q = self.absolute.get((model, domain), UNKNOWN)
+        if not relative:
+            return q.low
+        ref = self.reference.get(domain)
+        if ref is None:
+            return 0.0
+        if model == ref:
+            return 1.0
+        teacher = self.absolute[(ref, domain)]
+        return q.low / teacher.value if teacher.known and teacher.value > 0 else 0.0
+
+    def point(self, model: str, domain: str) -> Quality:
+        return self.absolute.get((model, domain), UNKNOWN)
+
+
+def build_table(
+    manifests: Mapping[str, Manifest | None],
+    roles: Mapping[str, str],
+    domains: list[str],
+    law: Mapping[str, Any] | None,
+) -> QualityTable:
+    """`manifests`: each served model's registry manifest (None for remote models)."""
+    absolute = {}
+    for name, manifest in manifests.items():
+        for domain in domains:
+            absolute[(name, domain)] = (
+                predict_quality(manifest, domain, law) if manifest is not None else UNKNOWN
+            )
+    reference = {}
+    for domain in domains:
+        teachers = [n for n in manifests if roles.get(n) == "teacher"]
+        ranked = sorted(teachers, key=lambda n: absolute[(n, domain)].value, reverse=True)
+        reference[domain] = ranked[0] if ranked else None
+    return QualityTable(absolute, reference)

@@ -1,0 +1,288 @@
+"""The router: what `model: "auto"` does. It resolves a request's SLO class (header, then
+`auto:<class>`, then the caller's API key, then the policy's default), detects the
+request's domain, gathers each ready model's predicted quality, latency and cost, and asks
+the selector. After the answer it records the observed latency, SLO attainment and the
+cost saved against always sending to the teacher.
+
+The policy file, the served models' manifests and the law are reread by `refresh()` (the
+gateway calls it every second); a request keeps the state it started with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GatewayConfig, LocalModel
+from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.metrics import Metrics
+from gateway.routing.domains import GENERAL, DomainDetector, fit_for
+from gateway.routing.estimates import Estimates, cost_per_1k
+from gateway.routing.policy import DEFAULT_POLICY, Policy, PolicyFile, SloClass
+from gateway.routing.quality import QualityTable, build_table
+from gateway.routing.selector import Candidate, Decision, Slo, choose
+from models.backends.base import Backend
+from models.store import Manifest, ModelStore, StoreError
+
+log = logging.getLogger("distillgate")
+
+AUTO = "auto"
+CHARS_PER_TOKEN = 4.0  # prompt tokens estimated before tokenising, for cost and latency
+HEADERS = ("x-distillgate-slo", "x-distillgate-min-quality", "x-distillgate-max-latency-ms")
+
+
+def is_auto(model: str) -> bool:
+    return model == AUTO or model.startswith(AUTO + ":")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One routing decision, with what is needed to report it and learn from it."""
+
+    model: str
+    slo_class: str
+    reason: str
+    domain: str
+    quality: float  # predicted, in the class's basis
+    slo: Slo
+    predicted_ttft_ms: float
+    predicted_latency_ms: float
+    cost: float
+    teacher_cost: float
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-distillgate-model": self.model,
+            "x-distillgate-class": self.slo_class,
+            "x-distillgate-predicted-quality": f"{self.quality:.4f}",
+            "x-distillgate-route-reason": self.reason,
+            "x-distillgate-domain": self.domain,
+        }
+
+
+@dataclass
+class _Models:
+    """What routing knows about the served models, rebuilt when a manifest changes."""
+
+    manifests: dict[str, Manifest | None]
+    stamps: dict[str, float]
+    table: QualityTable
+    detector: DomainDetector
+    detector_accuracy: float
+
+
+@dataclass
+class Router:
+    config: GatewayConfig
+    store: ModelStore
+    backends: Mapping[str, Backend]
+    metrics: Metrics
+    policy_file: PolicyFile | None = None
+    law: dict[str, Any] | None = None
+    estimates: Estimates = field(default_factory=Estimates)
+    models: _Models | None = None
+    rng: random.Random = field(default_factory=random.Random)
+
+    @classmethod
+    def build(
+        cls, config: GatewayConfig, store: ModelStore, backends: Mapping[str, Backend],
+        metrics: Metrics,
+    ) -> Router:  # fmt: skip
+        """Blocking (reads files, fits the domain detector): run it off the event loop."""
+        routing = config.routing
+        policy_file = PolicyFile.open(routing.policy) if routing.policy else None
+        law = None
+        if routing.law is not None:
+            from law.predict import load_law
+
+            law = load_law(routing.law)
+        router = cls(config, store, backends, metrics, policy_file, law)
+        if router.policy.seed is not None:
+            router.rng.seed(router.policy.seed)
+        router.models = router._load_models()
+        return router
+
+    @property
+    def policy(self) -> Policy:
+        return self.policy_file.policy if self.policy_file else DEFAULT_POLICY
+
+    # -- the served models ------------------------------------------------------------
+
+    def _manifest_path(self, name: str) -> Path | None:
+        model = self.config.model(name)
+        if not isinstance(model, LocalModel):
+            return None
+        root = model.path if model.path is not None else self.store.path_for(name)
+        return root / "distillgate.json"
+
+    def _stamps(self) -> dict[str, float]:
+        stamps = {}
+        for m in self.config.models:
+            path = self._manifest_path(m.name)
+            stamps[m.name] = path.stat().st_mtime if path and path.is_file() else 0.0
+        return stamps
+
+    def _load_models(self) -> _Models:
+        manifests: dict[str, Manifest | None] = {}
+        for m in self.config.models:
+            path = self._manifest_path(m.name)
+            manifests[m.name] = None
+            if path is not None and path.is_file():
+                try:
+                    manifests[m.name] = Manifest.model_validate(json.loads(path.read_text()))
+                except (OSError, ValueError) as exc:
+                    log.warning("routing: cannot read the manifest of %s: %s", m.name, exc)
+        tasks = sorted({mf.task for mf in manifests.values()
+                        if mf is not None and mf.role == "student" and mf.task})  # fmt: skip
+        detector, accuracy = fit_for(tasks) if tasks else (DomainDetector.fit([]), 1.0)
+        roles = {m.name: m.role for m in self.config.models}
+        table = build_table(manifests, roles, [*tasks, GENERAL], self.law)
+        for name, mf in manifests.items():
+            latency = (mf.evaluation.get("latency") or {}) if mf else {}
+            self.estimates.prior(name, latency.get("ttft_ms"), latency.get("ms_per_token_b1"))
+        if tasks:
+            log.info("routing: domains %s, detector held-out accuracy %.3f", tasks, accuracy)
+        return _Models(manifests, self._stamps(), table, detector, accuracy)
+
+    def refresh(self) -> None:
+        """Reread the policy and, when a manifest changed, the models (blocking)."""
+        if self.policy_file is not None:
+            self.policy_file.refresh()
+        if self.models is None or self._stamps() != self.models.stamps:
+            try:
+                self.models = self._load_models()
+            except (StoreError, OSError, ValueError) as exc:
+                log.error("routing: models not reloaded: %s", exc)
+
+    # -- a request ---------------------------------------------------------------------
+
+    def _slo_class(
+        self, policy: Policy, requested: str, headers: Mapping[str, str], api_key: str | None
+    ) -> tuple[str, SloClass]:
+        name = headers.get("x-distillgate-slo")
+        param = "x-distillgate-slo"
+        if name is None and requested.startswith(AUTO + ":"):
+            name, param = requested.split(":", 1)[1], "model"
+        if name is None and api_key and api_key in policy.api_keys:
+            name = policy.api_keys[api_key].slo_class
+        name = name or policy.default_class
+        if name not in policy.classes:
+            known = ", ".join(sorted(policy.classes))
+            raise InvalidRequest(f"Unknown SLO class '{name}'; classes: {known}.", param=param)
+        slo = policy.classes[name]
+        overrides: dict[str, float] = {}
+        for header, key, low, high in (
+            ("x-distillgate-min-quality", "min_quality", 0.0, 1.0),
+            ("x-distillgate-max-latency-ms", "p95_latency_ms", 1e-9, math.inf),
+        ):
+            raw = headers.get(header)
+            if raw is None:
+                continue
+            try:
+                value = float(raw)
+            except ValueError:
+                value = math.nan
+            if not (low <= value <= high):
+                bounds = "between 0 and 1" if high == 1.0 else "a positive number of ms"
+                raise InvalidRequest(f"Header {header} must be {bounds}, got {raw!r}.",
+                                     param=header)  # fmt: skip
+            overrides[key] = value
+        return name, slo.model_copy(update=overrides) if overrides else slo
+
+    def route(
+        self, text: str, requested: str, headers: Mapping[str, str], api_key: str | None,
+        max_tokens: int,
+    ) -> Route:  # fmt: skip
+        policy, models = self.policy, self.models
+        if models is None:
+            raise ServiceUnavailable("Not ready: routing is still loading.", retry_after=5)
+        class_name, slo_class = self._slo_class(policy, requested, headers, api_key)
+        detection = models.detector.detect(text, policy.min_domain_confidence)
+        domain = detection.domain
+        relative = slo_class.quality_basis == "relative_to_teacher"
+        tokens = self.estimates.expected_tokens(domain, max_tokens)
+        prompt_tokens = len(text) / CHARS_PER_TOKEN
+        reference = models.table.reference.get(domain)
+        teacher_params = self._parameters(reference) if reference else None
+        candidates = []
+        for name, backend in self.backends.items():
+            price = cost_per_1k(name, policy.costs, policy.teacher_cost_per_1k_tokens,
+                                self._parameters(name), teacher_params)  # fmt: skip
+            model = self.config.model(name)
+            slots = getattr(model, "max_batch_size", 1)
+            estimate = self.estimates.latency(name, backend.load(), slots, tokens)
+            candidates.append(Candidate(
+                name, models.table.get(name, domain, relative), estimate.ttft_ms,
+                estimate.latency_ms, price * (prompt_tokens + tokens) / 1000, price,
+                teacher=name == reference,
+            ))  # fmt: skip
+        slo = Slo(slo_class.min_quality, slo_class.p95_ttft_ms, slo_class.p95_latency_ms,
+                  slo_class.max_cost_per_1k_tokens)  # fmt: skip
+        decision: Decision = choose(
+            candidates, slo, fallback=policy.fallback, exploration=policy.exploration,
+            draws=(self.rng.random(), self.rng.random()),
+        )  # fmt: skip
+        self.metrics.domain_detections.labels(domain).inc()
+        self.metrics.route_decisions.labels(decision.model or "none", class_name,
+                                            decision.reason).inc()  # fmt: skip
+        if decision.model is None:
+            raise ServiceUnavailable(
+                f"No model can serve SLO class '{class_name}' for a {domain} request: "
+                f"{decision.message}."
+            )
+        chosen = next(c for c in candidates if c.name == decision.model)
+        teacher = next((c for c in candidates if c.teacher), chosen)
+        return Route(decision.model, class_name, decision.reason, domain, decision.quality,
+                     slo, chosen.ttft_ms, chosen.latency_ms, chosen.cost,
+                     teacher.cost)  # fmt: skip
+
+    def _parameters(self, name: str) -> int | None:
+        backend = self.backends.get(name)
+        if backend is not None:
+            card = backend.card()
+            count = card.extra.get("non_embedding_parameters") or card.parameters
+            if count:
+                return int(count)
+        manifest = self.models.manifests.get(name) if self.models else None
+        if manifest is not None:
+            return manifest.evaluation.get("non_embedding_parameters")
+        return None
+
+    def observe(
+        self, route: Route, outcome: str, ttft_s: float | None, duration_s: float, tokens: int
+    ) -> None:
+        """Learn from an answered request and count whether it met its class."""
+        if outcome != "success" or ttft_s is None:
+            return
+        self.estimates.observe(route.model, route.domain, ttft_s, duration_s, tokens)
+        m = self.metrics
+        slo = route.slo
+        met = (slo.p95_ttft_ms is None or ttft_s * 1000 <= slo.p95_ttft_ms) and (
+            slo.p95_latency_ms is None or duration_s * 1000 <= slo.p95_latency_ms
+        )
+        m.slo_requests.labels(route.slo_class, "met" if met else "missed").inc()
+        if math.isfinite(route.predicted_latency_ms) and route.predicted_latency_ms > 0:
+            m.route_latency_ratio.labels(route.model).observe(
+                duration_s * 1000 / route.predicted_latency_ms
+            )
+        m.route_cost.labels(route.model).inc(route.cost)
+        m.route_cost_saved.inc(max(route.teacher_cost - route.cost, 0.0))
+
+
+def request_text(messages_or_prompt: Any) -> str:
+    """The text the domain detector reads: every message's content, or the prompt."""
+    if isinstance(messages_or_prompt, str):
+        return messages_or_prompt
+    return "\n".join(str(m.get("content", "")) for m in messages_or_prompt)
+
+
+def api_key_of(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip() or None
+    return None
