@@ -9,6 +9,7 @@ call; p50 and p99 in microseconds, medians over `--repeats` rounds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -71,8 +72,7 @@ def main() -> None:
         Candidate(n, 0.8 + 0.025 * i, 50 + 20 * i, 500 + 100 * i, 0.1 * (i + 1), 0.01 * (i + 1))
         for i, n in enumerate(NAMES)
     ]
-    candidates[-1] = Candidate(*[getattr(candidates[-1], f) for f in Candidate.__slots__][:-1],
-                               teacher=True)  # fmt: skip
+    candidates[-1] = dataclasses.replace(candidates[-1], teacher=True)
     slo = Slo(min_quality=0.9, p95_ttft_ms=150, p95_latency_ms=1100)
 
     detector, accuracy = fit_for([TASK])
