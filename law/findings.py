@@ -122,6 +122,16 @@ def report(results: Results, law: dict[str, Any]) -> str:
                 f"{_pct(e['loro_median_abs'])} | {_pct(e['in_sample_rmse'])} | "
                 f"{e['aic']:.1f} | {e['bic']:.1f} | {_pct(fitted['noise_floor'])} |"
             )
+    loss = law["targets"].get("loss", {})
+    for name, entry in loss.get("forms", {}).items():
+        e = entry["errors"]
+        lines += ["", "### Held-out cross-entropy law (nats per answer token)", "",
+                  "| form | LOO median | LOO mean | leave-ratio-out median | AIC | BIC |",
+                  "|---|---|---|---|---|---|",
+                  f"| {name} | {e['loo_median_abs']:.4f} | {e['loo_mean_abs']:.4f} | "
+                  f"{e['loro_median_abs']:.4f} | {e['aic']:.1f} | {e['bic']:.1f} |"]  # fmt: skip
+    for name, reason in loss.get("skipped", {}).items():
+        lines += ["", f"The {name} loss law was not fitted: {reason}"]
     lines += ["", "### Retention by compression ratio (baseline students, most examples)", "",
               "| target r | r | D | seeds | in-domain | retention | general | "
               "chance-normalised retention |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
