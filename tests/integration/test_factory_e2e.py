@@ -60,7 +60,8 @@ def test_distil_evaluate_and_serve_a_student(teacher_dir: Path, tmp_path: Path) 
         gateway(config, tmp_path, store=store.root) as srv,
         openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0) as sdk,
     ):
-        assert {m.id for m in sdk.models.list().data} == {TEACHER_NAME, "fin-student"}
+        served = {m.id for m in sdk.models.list().data if m.model_extra["role"] != "router"}
+        assert served == {TEACHER_NAME, "fin-student"}
         prompt = "Classify the event in this headline: Acme beats Q3 estimates."
         reply = sdk.chat.completions.create(
             model="fin-student", messages=[{"role": "user", "content": prompt}], max_tokens=8

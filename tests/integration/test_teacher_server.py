@@ -58,8 +58,15 @@ def _metric(server: Server, name: str, **labels: str) -> float:
 
 
 def test_models_are_listed(sdk: openai.OpenAI) -> None:
-    (model,) = sdk.models.list().data
+    model, *router = sdk.models.list().data
     assert model.id == TEACHER and model.model_extra["max_model_len"] == CONTEXT
+    assert [m.id for m in router] == [
+        "auto",
+        "auto:interactive",
+        "auto:batch",
+        "auto:exact",
+        "auto:cheapest",
+    ]  # the shipped policy's classes
 
 
 def test_chat_answers_with_real_text(sdk: openai.OpenAI) -> None:

@@ -62,7 +62,8 @@ def test_registered_student_is_served_and_protected(tiny_model_dir: Path, tmp_pa
         gateway(config, tmp_path, store=store.root) as srv,
         openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0) as sdk,
     ):
-        assert [m.id for m in sdk.models.list().data] == ["student-a"]
+        listed = sdk.models.list().data
+        assert [m.id for m in listed if m.model_extra["role"] != "router"] == ["student-a"]
         out = sdk.completions.create(model="student-a", prompt="Hi", max_tokens=3, seed=1)
         assert out.usage.completion_tokens == 3
         refused = subprocess.run(
