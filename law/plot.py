@@ -69,7 +69,7 @@ def predicted_against_measured(results: Results, law: dict[str, Any], out: Path)
         ax.plot(ends, ends, color="black", lw=0.8)
         med = np.nanmedian(np.abs(loo - y)) * 100
         ax.set(xlabel="measured", ylabel="predicted (held out)",
-               title=f"{TITLES[target]}: median LOO error {med:.1f} points")  # fmt: skip
+               title=f"{TITLES[target]}\nmedian LOO error {med:.1f} points")  # fmt: skip
         ax.legend(fontsize=7)
     path = out / "predicted_vs_measured.png"
     fig.tight_layout()
