@@ -177,3 +177,18 @@ def test_hung_up_plain_request_frees_its_slot(server: Server) -> None:
     ):
         assert time.monotonic() < deadline, "the hung-up request still holds its slot"
         time.sleep(0.05)
+
+
+def test_auto_routes_through_the_sdk_with_the_shipped_policy(sdk: openai.OpenAI) -> None:
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=4
+    )
+    reply = raw.parse()
+    assert reply.model == TEACHER and reply.choices[0].message.content
+    assert raw.headers["x-distillgate-model"] == TEACHER
+    assert raw.headers["x-distillgate-class"] == "interactive"  # the shipped default class
+    assert raw.headers["x-distillgate-route-reason"]
+    with pytest.raises(openai.BadRequestError, match="Unknown SLO class 'nosuch'"):
+        sdk.chat.completions.create(
+            model="auto:nosuch", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
