@@ -40,10 +40,13 @@ class _Strict(BaseModel):
 
 class SloClass(_Strict):
     """What a request of this class needs. Quality is accuracy in [0, 1]: the predicted
-    accuracy divided by the teacher's (`relative_to_teacher`) or as is (`absolute`)."""
+    accuracy divided by the teacher's (`relative_to_teacher`) or as is (`absolute`), taken
+    at the lower end of its `quality_interval` (0.95: the 95% interval; 0: the point
+    estimate, trusting a prediction as it stands)."""
 
     min_quality: float = Field(0.0, ge=0, le=1)
     quality_basis: Literal["relative_to_teacher", "absolute"] = "relative_to_teacher"
+    quality_interval: float = Field(0.95, ge=0, lt=1)
     p95_ttft_ms: float | None = Field(None, gt=0)
     p95_latency_ms: float | None = Field(None, gt=0)
     max_cost_per_1k_tokens: float | None = Field(None, ge=0)

@@ -6,7 +6,8 @@ general-knowledge accuracy. Two sources, when present, are combined by inverse v
 (each 95% interval read as +-1.96 sd): the law's prediction from the student's manifest
 features (compression ratio, examples, format, method, schedule; only for the task and
 teacher the law was fitted on) and the student's own measured evaluation. The router uses
-the lower end of the combined 95% interval, so an uncertain student is trusted less.
+the lower end of the combined interval (95% unless the class asks for another width), so
+an uncertain student is trusted less.
 
 Relative quality divides by the reference teacher's accuracy on the same domain (the
 served teacher that measured best there); the reference itself is 1 by definition.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 from gateway.routing.domains import GENERAL
@@ -25,15 +27,26 @@ from models.store import Manifest
 Z95 = 1.959964
 
 
+def z_for(interval: float) -> float:
+    """The normal quantile whose +-z spans `interval` (0 -> 0: the point estimate)."""
+    return NormalDist().inv_cdf(0.5 + interval / 2) if interval > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class Quality:
     value: float  # predicted accuracy
-    low: float  # lower end of its 95% interval: what routing relies on
+    low: float  # lower end of its 95% interval
     source: str  # measured | law | law+measured | unknown
+    sd: float | None = None  # None: read from the 95% interval
 
     @property
     def known(self) -> bool:
         return self.source != "unknown"
+
+    def lower(self, z: float = Z95) -> float:
+        """The lower end of the +-z interval: what routing relies on."""
+        sd = self.sd if self.sd is not None else (self.value - self.low) / Z95
+        return max(0.0, self.value - z * sd) if self.known else 0.0
 
 
 UNKNOWN = Quality(0.0, 0.0, "unknown")
@@ -91,8 +104,8 @@ def predict_quality(manifest: Manifest, domain: str, law: Mapping[str, Any] | No
     weights = {k: 1 / var for k, (_, var) in present.items()}
     total = sum(weights.values())
     mean = sum(weights[k] * m for k, (m, _) in present.items()) / total
-    low = mean - Z95 * math.sqrt(1 / total)
-    return Quality(mean, max(0.0, low), "+".join(sorted(present)))
+    sd = math.sqrt(1 / total)
+    return Quality(mean, max(0.0, mean - Z95 * sd), "+".join(sorted(present)), sd)
 
 
 @dataclass(frozen=True)
@@ -102,18 +115,19 @@ class QualityTable:
     absolute: dict[tuple[str, str], Quality]
     reference: dict[str, str | None]  # domain -> the reference teacher's name
 
-    def get(self, model: str, domain: str, relative: bool) -> float:
-        """The conservative quality routing compares with a class's min_quality."""
+    def get(self, model: str, domain: str, relative: bool, z: float = Z95) -> float:
+        """The conservative quality routing compares with a class's min_quality: the lower
+        end of the +-z interval, over the reference teacher's point estimate if relative."""
         q = self.absolute.get((model, domain), UNKNOWN)
         if not relative:
-            return q.low
+            return q.lower(z)
         ref = self.reference.get(domain)
         if ref is None:
             return 0.0
         if model == ref:
             return 1.0
         teacher = self.absolute[(ref, domain)]
-        return q.low / teacher.value if teacher.known and teacher.value > 0 else 0.0
+        return q.lower(z) / teacher.value if teacher.known and teacher.value > 0 else 0.0
 
     def point(self, model: str, domain: str) -> Quality:
         return self.absolute.get((model, domain), UNKNOWN)

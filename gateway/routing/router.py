@@ -25,7 +25,7 @@ from gateway.metrics import Metrics
 from gateway.routing.domains import GENERAL, DomainDetector, fit_for
 from gateway.routing.estimates import Estimates, cost_per_1k
 from gateway.routing.policy import DEFAULT_POLICY, Policy, PolicyFile, SloClass
-from gateway.routing.quality import QualityTable, build_table
+from gateway.routing.quality import QualityTable, build_table, z_for
 from gateway.routing.selector import Candidate, Decision, Slo, choose
 from models.backends.base import Backend
 from models.store import Manifest, ModelStore, StoreError
@@ -206,6 +206,7 @@ class Router:
         detection = models.detector.detect(text, policy.min_domain_confidence)
         domain = detection.domain
         relative = slo_class.quality_basis == "relative_to_teacher"
+        z = z_for(slo_class.quality_interval)
         tokens = self.estimates.expected_tokens(domain, max_tokens)
         prompt_tokens = len(text) / CHARS_PER_TOKEN
         reference = models.table.reference.get(domain)
@@ -218,7 +219,7 @@ class Router:
             slots = getattr(model, "max_batch_size", 1)
             estimate = self.estimates.latency(name, backend.load(), slots, tokens)
             candidates.append(Candidate(
-                name, models.table.get(name, domain, relative), estimate.ttft_ms,
+                name, models.table.get(name, domain, relative, z), estimate.ttft_ms,
                 estimate.latency_ms, price * (prompt_tokens + tokens) / 1000, price,
                 teacher=name == reference,
             ))  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 from gateway.routing.domains import GENERAL, fit_for
 from gateway.routing.estimates import Estimates, cost_per_1k
 from gateway.routing.policy import PolicyError, PolicyFile, load_policy
-from gateway.routing.quality import build_table, predict_quality
+from gateway.routing.quality import build_table, predict_quality, z_for
 from models.backends.base import Load
 from models.store import Manifest
 
@@ -129,6 +129,10 @@ def test_relative_quality_uses_the_best_teacher() -> None:
     assert table.get("s", GENERAL, relative=True) == pytest.approx(0.25 / 0.6, 1e-3)
     assert table.get("s", "finance-headlines", relative=False) == pytest.approx(0.71, 1e-3)
     assert table.get("remote", GENERAL, relative=True) == 0.0  # unknown: never trusted
+    point, z80 = z_for(0), z_for(0.8)  # the point estimate; the 80% interval's lower end
+    assert table.get("s", "finance-headlines", True, point) == pytest.approx(0.76 / 0.8, 1e-3)
+    assert 0.71 / 0.8 < table.get("s", "finance-headlines", True, z80) < 0.76 / 0.8
+    assert table.get("remote", GENERAL, True, point) == 0.0
 
 
 def test_latency_estimates_start_from_priors_and_learn() -> None:

@@ -40,6 +40,7 @@ POLICY = {
         "default": {"min_quality": 0.9},
         "keyed": {"min_quality": 0.5},
         "strict": {"min_quality": 0.99, "p95_latency_ms": 150},
+        "trusting": {"min_quality": 0.9, "quality_interval": 0},
     },
     "default_class": "default",
     "api_keys": {"k1": {"class": "keyed"}},
@@ -107,3 +108,14 @@ def test_observations_feed_estimates_and_metrics(router: Router) -> None:
     assert saved > 0
     value = re.search(r"^distillgate_route_cost_saved_total (\S+)$", text, re.M)
     assert value and float(value.group(1)) == pytest.approx(5 * saved)
+
+
+def test_the_class_sets_how_conservative_quality_is(router: Router) -> None:
+    """`big` predicted 0.78 with a 95% interval down to 0.70: 0.70 / 0.8 = 0.875 misses 0.9,
+    while its point estimate 0.78 / 0.8 = 0.975 meets it."""
+    models = router.models
+    table = QualityTable({**models.table.absolute, ("big", GENERAL): Quality(0.78, 0.70, "law")},
+                         models.table.reference)  # fmt: skip
+    router.models = _Models(models.manifests, models.stamps, table, models.detector, 1.0)
+    assert _route(router).model == "teacher"  # the default class: the 95% lower end
+    assert _route(router, "auto:trusting").model == "big"
