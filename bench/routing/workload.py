@@ -174,8 +174,8 @@ def fixed_scores(args, models, manifests) -> dict[str, float]:
     return fixed
 
 
-def strategies(args, models, price, params, fixed, answers, routed, slo_class, policy):
-    slo = policy.classes[slo_class]
+def strategies(args, slo, price, params, fixed, answers, routed):
+    models = [args.teacher, *args.students]
     limit = slo.p95_latency_ms / 1000 if slo.p95_latency_ms else float("inf")
     teacher_text = [a.text for a in answers[args.teacher]]
     n = len(teacher_text)
@@ -246,8 +246,8 @@ def main() -> None:
         "workload": counts, "max_tokens": args.max_tokens,
         "models": {m: {"price_per_1k": price[m], "non_embedding_parameters": params[m],
                        "fixed_score": fixed[m]} for m in models},
-        "classes": {c: strategies(args, models, price, params, fixed, answers, routed[c], c,
-                                  policy) for c in args.slo_class},
+        "classes": {c: strategies(args, policy.classes[c], price, params, fixed, answers,
+                                  routed[c]) for c in args.slo_class},
         "by_domain": by_domain(requests, answers, routed, models),
         "auto_domains": {c: {d: sum(x == d for *_, x in r) for d in {x for *_, x in r}}
                          for c, r in routed.items()},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from statistics import NormalDist
 from typing import Any
 
@@ -27,6 +28,7 @@ from models.store import Manifest
 Z95 = 1.959964
 
 
+@cache  # a handful of classes, asked on every routed request
 def z_for(interval: float) -> float:
     """The normal quantile whose +-z spans `interval` (0 -> 0: the point estimate)."""
     return NormalDist().inv_cdf(0.5 + interval / 2) if interval > 0 else 0.0
