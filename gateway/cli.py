@@ -1,6 +1,6 @@
-"""The `distillgate` command line: `serve` the gateway, manage the registry's `students`,
-the factory's `tasks`, `teacher adapt`, `distill`, `eval` (gateway/factory_cli.py), and
-`sweep` and `law` (gateway/law_cli.py).
+"""The `distillgate` command line. One entry point composes each package's commands: the
+gateway's `serve` (here), the factory's `tasks`, `teacher`, `distill`, `eval`, `sweep` and
+`students` (models/cli.py), and `law` (law/cli.py).
 
 Every command reports bad input as one line on stderr and exits with code 2.
 """
@@ -8,19 +8,24 @@ Every command reports bad input as one line on stderr and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway import factory_cli, law_cli
-from gateway.factory_cli import CliError
+from law import cli as law_cli
+from law.cli import CliError
+from models import cli as models_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
+    if argv is None and getattr(args, "no_progress", False) and "tqdm" not in sys.modules:
+        # This process is the command. tqdm reads its TQDM_* defaults once, when imported:
+        # set now, the variable also silences bars we cannot reach (the GGUF conversion's).
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         return args.func(args)
     except CliError as exc:
@@ -35,31 +40,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="distillgate", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The whole command tree, every package's commands under one root."""
+    root = _Parser(prog="distillgate", description=__doc__.split("\n\n")[0])
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     serve = sub.add_parser("serve", help="serve the configured models over OpenAI's API")
     serve.add_argument("--config", type=Path, help="YAML config (default: the embedded teacher)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument("--store", type=Path, help="model store directory")
     serve.set_defaults(func=_serve)
-    students = sub.add_parser("students", help="list, show or remove registered models")
-    actions = students.add_subparsers(dest="action", required=True)
-    for action, helptext in (
-        ("list", "every registered model"),
-        ("show", "one model's manifest: lineage and evaluation"),
-        ("remove", "delete a model (refused while a running gateway serves it)"),
-    ):
-        cmd = actions.add_parser(action, help=helptext)
-        if action != "list":
-            cmd.add_argument("name")
-        cmd.add_argument("--store", type=Path, help="model store directory")
-        cmd.add_argument("--json", action="store_true", help="machine-readable output")
-        cmd.set_defaults(func=_students)
-    factory_cli.add_commands(sub)
+    models_cli.add_commands(sub)
     law_cli.add_commands(sub)
-    return parser
+    return root
 
 
 def _settings(**overrides: object):
@@ -70,29 +63,6 @@ def _settings(**overrides: object):
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CliError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-
-
-def _students(args: argparse.Namespace) -> int:
-    from models.store import ModelStore, StoreError
-
-    store = ModelStore(_settings(store=args.store).store)
-    try:
-        if args.action == "list":
-            entries = store.entries()
-            if args.json:
-                print(json.dumps([m.model_dump() for m in entries], indent=2))
-            for m in [] if args.json else entries:
-                ratio = "-" if m.compression_ratio is None else f"{m.compression_ratio:.2f}"
-                print(f"{m.name:32} {m.role:8} r={ratio:5} parent={m.parent or '-'}")
-        elif args.action == "show":
-            manifest = store.manifest(args.name)
-            print(manifest.model_dump_json(indent=2))
-        else:
-            store.remove(args.name)
-            print(json.dumps({"removed": args.name}) if args.json else f"removed {args.name}")
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
-    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@ at once.
 
 `load_config(path)` returns a `GatewayConfig` or raises `ConfigError` listing every
 problem with its path in the file (`models[1].url: Field required`), so a user fixes a
-bad file in one pass. The embedded default config is `deploy/default.yaml`.
+bad file in one pass. The embedded default config is `deploy/default.yaml`, read as package
+data (`distillgate_deploy`), so it is found in a checkout and in an installed wheel alike.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-DEFAULT_CONFIG = DEPLOY / "default.yaml"
-DEFAULT_POLICY = DEPLOY / "policy.yaml"
+from distillgate_deploy import shipped
+
+DEFAULT_CONFIG = "default.yaml"  # shipped files, found with `shipped(name)`
+DEFAULT_POLICY = "policy.yaml"
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][\w.:-]*$")]
 
@@ -36,7 +38,6 @@ class LocalModel(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_batch_size: int = Field(8, ge=1, le=256)
     context_length: int | None = Field(None, ge=16)
-    threads: int | None = Field(None, ge=1, le=256)
 
 
 class OpenAIModel(_Strict):
@@ -77,13 +78,15 @@ class Limits(_Strict):
     default_max_tokens: int = Field(256, ge=1, le=1_000_000)
     request_timeout_s: float = Field(300.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
+    # A stream that sends no token for this long ends with an error event and [DONE].
+    stream_idle_timeout_s: float = Field(60.0, gt=0)
 
 
 class Routing(_Strict):
     """What `model: "auto"` needs: the policy file (SLO classes; reloaded when it
     changes) and the fitted law (law.json). Relative paths are from the config file."""
 
-    policy: Path | None = DEFAULT_POLICY
+    policy: Path | None = Field(default_factory=lambda: shipped(DEFAULT_POLICY))
     law: Path | None = None
 
 
@@ -92,6 +95,9 @@ class GatewayConfig(_Strict):
     limits: Limits = Limits()
     routing: Routing = Routing()
     store: Path | None = None
+    # torch's intra-op threads for every in-process model (process-wide: set once at
+    # start). None: all cores. Lower it when other work shares the machine.
+    threads: int | None = Field(None, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _check(self) -> GatewayConfig:
@@ -121,7 +127,7 @@ class ConfigError(Exception):
 
 def load_config(path: Path | str | None = None) -> GatewayConfig:
     """Read and validate a YAML config; `None` means the embedded default."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = Path(path) if path is not None else shipped(DEFAULT_CONFIG)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:

@@ -3,6 +3,8 @@
     GatewayError                       500 server_error
     ├── ClientError                    400 invalid_request_error
     │   ├── InvalidRequest             400 (param names the field)
+    │   │   └── Unsupported            400 code=unsupported_parameter (an OpenAI field
+    │   │                                  or value distillgate does not implement)
     │   ├── ContextLengthExceeded      400 code=context_length_exceeded
     │   ├── ModelNotFound              404 code=model_not_found
     │   ├── BodyTooLarge               413 code=request_too_large
@@ -10,11 +12,15 @@
     └── ServerError                    500 internal_server_error (no detail leaked)
         ├── UpstreamFailure            status of the remote server, its type/param/code
         └── ServiceUnavailable         503 code=service_unavailable, Retry-After
+            └── TimedOut               503 code=timeout (a request or stream timeout)
 
-`to_gateway_error` maps the backends' exceptions (models.backends.base) into this tree;
-`error_body`/`error_response` render any of them as
-`{"error": {"message", "type", "param", "code"}}`; `install_handlers` registers the
-handlers in one place so FastAPI's default `{"detail": ...}` never reaches a client.
+`to_gateway_error` maps any exception (the backends' ones from models.backends.base, or
+an unexpected one, logged and hidden) into this tree; `error_response`/`sse_error` render a
+GatewayError as `{"error": {"message", "type", "param", "code"}}`, as JSON or as an SSE
+event. Each error is counted once, where it happens: a request that reached a model is
+counted by its Tracker and answered by the endpoint (gateway/api/generation.py), so it
+never reaches the handlers that `install_handlers` registers here; they answer and count
+everything else (bad bodies, unknown models, unknown routes) under the model label "".
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.backends.base import (
     BackendError,
+    InvalidParams,
     Overloaded,
     PromptTooLong,
     Unavailable,
@@ -51,7 +58,6 @@ class GatewayError(Exception):
         self.message = message
         self.param = param
         self.retry_after = retry_after
-        self.counted = False  # already in the per-model error metric
 
 
 class ClientError(GatewayError):
@@ -61,6 +67,10 @@ class ClientError(GatewayError):
 
 class InvalidRequest(ClientError):
     code = "invalid_value"
+
+
+class Unsupported(InvalidRequest):
+    code = "unsupported_parameter"
 
 
 class ContextLengthExceeded(ClientError):
@@ -83,6 +93,15 @@ class RateLimited(ClientError):
     code = "rate_limit_exceeded"
 
 
+class RouteError(ClientError):
+    """Starlette's own 404/405 for a path or method we do not serve."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+
+
 class ServerError(GatewayError):
     type = "internal_server_error"
 
@@ -91,6 +110,10 @@ class ServiceUnavailable(ServerError):
     status = 503
     type = "service_unavailable"
     code = "service_unavailable"
+
+
+class TimedOut(ServiceUnavailable):
+    code = "timeout"
 
 
 class UpstreamFailure(ServerError):
@@ -104,11 +127,14 @@ class UpstreamFailure(ServerError):
 
 
 def to_gateway_error(exc: BaseException, param: str | None = None) -> GatewayError:
-    """Any exception -> a GatewayError; unknown ones become an opaque 500 (and are logged)."""
+    """Any exception -> a GatewayError; unknown ones become an opaque 500 (and are logged).
+    `param` is the field a prompt that is too long is blamed on."""
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, PromptTooLong):
         return ContextLengthExceeded(str(exc), param=param)
+    if isinstance(exc, InvalidParams):
+        return InvalidRequest(str(exc), param=exc.param)
     if isinstance(exc, Overloaded):
         return RateLimited(str(exc), retry_after=exc.retry_after)
     if isinstance(exc, Unavailable):
@@ -118,44 +144,59 @@ def to_gateway_error(exc: BaseException, param: str | None = None) -> GatewayErr
     if isinstance(exc, BackendError):
         log.error("backend error: %s", exc)
         return ServerError("The model backend failed while serving this request.")
-    log.exception("unhandled error", exc_info=exc)
+    log.error("unhandled error", exc_info=exc)
     return ServerError("The server had an error while processing your request.")
 
 
-def error_body(exc: GatewayError) -> dict[str, dict[str, object]]:
+def error_body(err: GatewayError) -> dict[str, dict[str, object]]:
     return {
         "error": {
-            "message": exc.message,
-            "type": exc.type,
-            "param": exc.param,
-            "code": exc.code,
+            "message": err.message,
+            "type": err.type,
+            "param": err.param,
+            "code": err.code,
         }
     }
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    err = to_gateway_error(exc)
-    headers = {}
+def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
+    out = dict(headers or {})
     if err.retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
-    return JSONResponse(error_body(err), status_code=err.status, headers=headers)
+        out["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    return JSONResponse(error_body(err), status_code=err.status, headers=out)
 
 
-def sse_error(exc: BaseException) -> bytes:
+def sse_error(err: GatewayError) -> bytes:
     """An error after a stream has started: one SSE event carrying the envelope."""
-    return b"data: " + json.dumps(error_body(to_gateway_error(exc))).encode() + b"\n\n"
+    return b"data: " + json.dumps(error_body(err)).encode() + b"\n\n"
 
 
 def validation_error(errors: list[dict]) -> InvalidRequest:
-    """Pydantic errors -> one 400 naming the first offending field (all listed in the text)."""
+    """Pydantic errors -> one 400 naming the first offending field the way OpenAI writes
+    it (`messages[0].role`); every error is listed in the message with the value received."""
     parts, first = [], None
     for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
-        where = ".".join(loc) or None
+        where = param_path(e.get("loc", ())) or None
         first = first or where
         received = f" (received {e['input']!r})" if _short(e.get("input")) else ""
         parts.append(f"{where or 'body'}: {e.get('msg', 'invalid')}{received}")
-    return InvalidRequest("; ".join(parts) or "invalid request", param=first)
+    return InvalidRequest("; ".join(dict.fromkeys(parts)) or "invalid request", param=first)
+
+
+def param_path(loc: tuple | list) -> str:
+    """("body", "messages", 0, "role") -> "messages[0].role". Pydantic puts the member
+    type of a union in the path (`stop.list[str]`); those are not fields and are dropped."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part != "body" and not _is_type_tag(part):
+            out += f".{part}" if out else part
+    return out
+
+
+def _is_type_tag(part: str) -> bool:
+    return any(c in part for c in "[-") or part in {"str", "int", "float", "bool", "list", "dict"}
 
 
 def _short(value: object) -> bool:
@@ -163,13 +204,16 @@ def _short(value: object) -> bool:
 
 
 def install_handlers(app: FastAPI) -> None:
+    """Answer (and count) every error that escapes an endpoint. Errors of requests that
+    reached a model never get here: their Tracker counted them and the endpoint answered."""
+
     def respond(request: Request, err: GatewayError) -> JSONResponse:
         gateway = getattr(request.app.state, "gateway", None)
-        if gateway is not None and not err.counted:
+        if gateway is not None:
             gateway.metrics.errors.labels("", err.type).inc()
         return error_response(err)
 
-    async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
         return respond(request, to_gateway_error(exc))
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
@@ -178,13 +222,12 @@ def install_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        err = ClientError(str(exc.detail))
-        err.status = exc.status_code
-        err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return respond(request, err)
+        return respond(request, RouteError(str(exc.detail), exc.status_code))
 
-    app.add_exception_handler(GatewayError, on_gateway_error)
-    app.add_exception_handler(BackendError, on_gateway_error)
+    app.add_exception_handler(GatewayError, on_error)
+    app.add_exception_handler(BackendError, on_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(Exception, on_gateway_error)
+    # Anything else: Starlette answers it from its outermost middleware, then re-raises it
+    # for the server to log; to_gateway_error has logged it already.
+    app.add_exception_handler(Exception, on_error)

@@ -35,7 +35,8 @@ class Metrics:
         )
         self.errors = Counter(
             "distillgate_errors",
-            "Error responses by OpenAI error type.",
+            "Error responses (and error events of streams) by OpenAI error type, each counted "
+            "once; model is empty for requests that never reached one.",
             ["model", "type"],
             registry=r,
         )
@@ -116,6 +117,13 @@ class Metrics:
             "distillgate_domain_detections",
             "Routed requests by detected domain.",
             ["domain"],
+            registry=r,
+        )
+        self.registry_errors = Counter(
+            "distillgate_registry_errors",
+            "Manifests routing could not read (each bad version once); it keeps the model's "
+            "last good one.",
+            ["model"],
             registry=r,
         )
         r.register(_LoadCollector(backends))

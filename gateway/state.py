@@ -70,15 +70,16 @@ class Gateway:
         if stored:  # so that `distillgate students remove` refuses what we serve
             self.store.lease(stored)
         results = await self._start_all()
-        failed = [
-            f"{name}: {res}"
+        failed = {
+            name: res
             for name, res in zip(self.backends, results, strict=True)
             if isinstance(res, BaseException)
-        ]
+        }
         if failed:
-            self.failure = "could not start " + "; ".join(failed)
+            self.failure = "could not start " + "; ".join(f"{n}: {e}" for n, e in failed.items())
             await self.stop()
-            raise RuntimeError(self.failure)
+            # the group carries every model's own traceback to the one log line (app._load)
+            raise BaseExceptionGroup(self.failure, list(failed.values()))
         try:
             self.router = await asyncio.to_thread(
                 Router.build, self.config, self.store, self.backends, self.metrics
@@ -95,6 +96,10 @@ class Gateway:
         process-wide state, e.g. its meta-device context, so two threads loading at once
         corrupt each other: "Cannot copy out of meta tensor"), the others concurrently."""
         local = {m.name for m in self.config.models if isinstance(m, LocalModel)}
+        if local:
+            from models.backends.local import set_threads
+
+            set_threads(self.config.threads)
         results: dict[str, BaseException | None] = {}
 
         async def one(name: str) -> None:
@@ -149,7 +154,6 @@ def build_backend(model: ModelConfig, config: GatewayConfig, store: ModelStore) 
             max_batch_size=model.max_batch_size,
             queue_size=limits.queue_size,
             context_length=model.context_length,
-            threads=model.threads,
         )
     if isinstance(model, OpenAIModel):
         from models.backends.openai_http import OpenAIHTTPBackend

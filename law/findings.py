@@ -13,12 +13,14 @@ the seeds show, not the test items' binomial noise.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from law.data import Results
 from law.forms import BASELINE
+from law.schema import Law, as_law
 from law.validate import noise_floor
 
 GENERAL_CHANCE = 0.25  # four options per general-knowledge question
@@ -106,31 +108,32 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def report(results: Results, law: dict[str, Any]) -> str:
+def report(results: Results, law: Law | Mapping[str, Any]) -> str:
     """The findings as Markdown tables (what `distillgate law report` prints)."""
+    law = as_law(law)
     lines = ["### Fit and held-out errors (accuracy points)", "",
              "| target | form | selected | LOO median | LOO mean | leave-ratio-out median | "
              "in-sample RMSE | AIC | BIC | seed noise sd |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for target in ("in_domain", "general"):
-        fitted = law["targets"][target]
-        for name, entry in fitted["forms"].items():
-            e = entry["errors"]
+        fitted = law.targets[target]
+        for name, entry in fitted.forms.items():
+            e = entry.errors
             lines.append(
-                f"| {target} | {name} | {'yes' if name == fitted['selected'] else ''} | "
-                f"{_pct(e['loo_median_abs'])} | {_pct(e['loo_mean_abs'])} | "
-                f"{_pct(e['loro_median_abs'])} | {_pct(e['in_sample_rmse'])} | "
-                f"{e['aic']:.1f} | {e['bic']:.1f} | {_pct(fitted['noise_floor'])} |"
+                f"| {target} | {name} | {'yes' if name == fitted.selected else ''} | "
+                f"{_pct(e.loo_median_abs)} | {_pct(e.loo_mean_abs)} | "
+                f"{_pct(e.loro_median_abs)} | {_pct(e.in_sample_rmse)} | "
+                f"{e.aic:.1f} | {e.bic:.1f} | {_pct(fitted.noise_floor or float('nan'))} |"
             )
-    loss = law["targets"].get("loss", {})
-    for name, entry in loss.get("forms", {}).items():
-        e = entry["errors"]
+    loss = law.targets.get("loss")
+    for name, entry in (loss.forms if loss else {}).items():
+        e = entry.errors
         lines += ["", "### Held-out cross-entropy law (nats per answer token)", "",
                   "| form | LOO median | LOO mean | leave-ratio-out median | AIC | BIC |",
                   "|---|---|---|---|---|---|",
-                  f"| {name} | {e['loo_median_abs']:.4f} | {e['loo_mean_abs']:.4f} | "
-                  f"{e['loro_median_abs']:.4f} | {e['aic']:.1f} | {e['bic']:.1f} |"]  # fmt: skip
-    for name, reason in loss.get("skipped", {}).items():
+                  f"| {name} | {e.loo_median_abs:.4f} | {e.loo_mean_abs:.4f} | "
+                  f"{e.loro_median_abs:.4f} | {e.aic:.1f} | {e.bic:.1f} |"]  # fmt: skip
+    for name, reason in (loss.skipped if loss else {}).items():
         lines += ["", f"The {name} loss law was not fitted: {reason}"]
     lines += ["", "### Retention by compression ratio (baseline students, most examples)", "",
               "| target r | r | D | seeds | in-domain | retention | general | "
@@ -159,11 +162,11 @@ def report(results: Results, law: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for target in ("in_domain", "general"):
-        fitted = law["targets"][target]
-        entry = fitted["forms"][fitted["selected"]]
-        for name, value in entry["parameters"].items():
+        fitted = law.targets[target]
+        entry = fitted.forms[fitted.selected or ""]
+        for name, value in entry.parameters.items():
             if name.startswith("delta["):
-                lo, hi = entry["intervals"][name]
-                lines.append(f"| {target} | {fitted['selected']} | {name[6:-1]} | "
+                lo, hi = entry.intervals[name]
+                lines.append(f"| {target} | {fitted.selected} | {name[6:-1]} | "
                              f"{value:.3f} [{lo:.3f}, {hi:.3f}] |")  # fmt: skip
     return "\n".join(lines)

@@ -4,6 +4,7 @@ against measured with the held-out (leave-one-out) predictions."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +14,24 @@ from matplotlib.figure import Figure  # no pyplot: no global figure state, no di
 
 from law.data import Results
 from law.forms import FORMS, OFFSETS, Features, offset_row
+from law.schema import Law, as_law
 from law.validate import held_out_predictions
 
 TITLES = {"in_domain": "in-domain accuracy", "general": "general-knowledge accuracy"}
 
 
-def _curve(law: dict[str, Any], target: str, examples: float, fmt: str, r: np.ndarray):
-    fitted = law["targets"][target]
-    entry = fitted["forms"][fitted["selected"]]
-    used = np.array([o in entry["used_offsets"] for o in OFFSETS])
+def _curve(law: Law, target: str, examples: float, fmt: str, r: np.ndarray):
+    fitted = law.targets[target]
+    selected = fitted.selected or ""
+    entry = fitted.forms[selected]
+    used = np.array([o in entry.used_offsets for o in OFFSETS])
     offsets = np.repeat(offset_row(fmt, "full", "one-shot")[None, :], len(r), axis=0)
-    x = Features(r, np.full(len(r), examples), None, offsets, fitted["chance"])
-    theta = np.array(list(entry["parameters"].values()))
-    return FORMS[fitted["selected"]].predict(theta, x, used)
+    x = Features(r, np.full(len(r), examples), None, offsets, fitted.chance or 0.0)
+    theta = np.array(list(entry.parameters.values()))
+    return FORMS[selected].predict(theta, x, used)
 
 
-def quality_against_ratio(results: Results, law: dict[str, Any], out: Path) -> Path:
+def quality_against_ratio(results: Results, law: Law, out: Path) -> Path:
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     grid = np.linspace(min(r["ratio"] for r in results.rows) * 0.9, 1.0, 100)
@@ -41,12 +44,14 @@ def quality_against_ratio(results: Results, law: dict[str, Any], out: Path) -> P
             ax.scatter([p["ratio"] for p in points], [p[target] for p in points], color=colour,
                        s=18, label=f"{fmt}, D={examples}")  # fmt: skip
             ax.plot(grid, _curve(law, target, examples, fmt, grid), color=colour, lw=1)
-        teacher = law["teacher_quality"].get(target)
+        teacher = getattr(law.teacher_quality, target)
         if teacher is not None:
             ax.axhline(teacher, color="black", ls="--", lw=0.8, label="teacher")
-        ax.axhline(law["targets"][target]["chance"], color="grey", ls=":", lw=0.8, label="chance")
+        fitted = law.targets[target]
+        if fitted.chance is not None:
+            ax.axhline(fitted.chance, color="grey", ls=":", lw=0.8, label="chance")
         ax.set(xlabel="compression ratio r (student / teacher non-embedding parameters)",
-               title=f"{TITLES[target]} ({law['targets'][target]['selected']} form)")  # fmt: skip
+               title=f"{TITLES[target]} ({fitted.selected} form)")  # fmt: skip
     axes[0].set_ylabel("accuracy")
     axes[1].legend(fontsize=7, loc="lower right")
     path = out / "quality_vs_ratio.png"
@@ -55,12 +60,12 @@ def quality_against_ratio(results: Results, law: dict[str, Any], out: Path) -> P
     return path
 
 
-def predicted_against_measured(results: Results, law: dict[str, Any], out: Path) -> Path:
+def predicted_against_measured(results: Results, law: Law, out: Path) -> Path:
     fig = Figure(figsize=(9, 4.2))
     axes = fig.subplots(1, 2)
     for ax, target in zip(axes, ("in_domain", "general"), strict=True):
         x, y = results.features(target), results.target(target)
-        form = law["targets"][target]["selected"]
+        form = law.targets[target].selected or ""
         loo = held_out_predictions(form, x, y, np.arange(len(y)))
         by_ratio = held_out_predictions(form, x, y, np.round(x.r, 3))
         ax.scatter(y, loo, s=14, alpha=0.7, label="leave one out")
@@ -77,7 +82,7 @@ def predicted_against_measured(results: Results, law: dict[str, Any], out: Path)
     return path
 
 
-def plot_all(results: Results, law: dict[str, Any], out: str | Path) -> list[Path]:
-    out = Path(out)
+def plot_all(results: Results, law: Law | Mapping[str, Any], out: str | Path) -> list[Path]:
+    law, out = as_law(law), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return [quality_against_ratio(results, law, out), predicted_against_measured(results, law, out)]

@@ -1,6 +1,7 @@
 """The law as a file and its use: fit every form to sweep results, select one per target
 by held-out error, save it all as a versioned `law.json`, and predict any candidate
-student's in-domain and general quality (and held-out loss) with a 95% interval.
+student's in-domain and general quality (and held-out loss) with a 95% interval. The
+file's shape is law/schema.py's `Law`.
 
 A prediction's interval combines the parameters' bootstrap spread with the residual noise
 of the fit (the seed-to-seed noise a single student shows), so it covers one student, not
@@ -9,8 +10,8 @@ the mean of many.
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,15 @@ import numpy as np
 from law.data import Results
 from law.fit import Fit, FitError, bootstrap_draws, fit, intervals
 from law.forms import FORMS, OFFSETS, Features, offset_row
+from law.schema import LAW_VERSION, FormFit, Law, LawFileError, Target, as_law, parse_law
 from law.validate import noise_floor, select, summary
 
-LAW_VERSION = 1
 QUALITY_FORMS = ("power", "logistic")
 
 
 def _fit_target(
     results: Results, target: str, forms: tuple[str, ...], resamples: int, seed: int
-) -> dict[str, Any]:
+) -> Target:
     x, y = results.features(target), results.target(target)
     out: dict[str, Any] = {"forms": {}, "skipped": {}}
     for name in forms:
@@ -53,10 +54,10 @@ def _fit_target(
     out["chance"] = x.chance
     out["teacher_loss"] = x.teacher_loss
     out["noise_floor"] = noise_floor(results.keys(), y)
-    return out
+    return Target.model_validate(out)
 
 
-def fit_law(results: Results, *, resamples: int = 200, seed: int = 0) -> dict[str, Any]:
+def fit_law(results: Results, *, resamples: int = 200, seed: int = 0) -> Law:
     """Every form fitted to every target, the selection, and where the data came from."""
     targets = {
         "in_domain": _fit_target(results, "in_domain", QUALITY_FORMS, resamples, seed),
@@ -66,9 +67,9 @@ def fit_law(results: Results, *, resamples: int = 200, seed: int = 0) -> dict[st
         try:
             targets["loss"] = _fit_target(results, "loss", ("busbridge",), resamples, seed)
         except FitError as exc:
-            targets["loss"] = {"skipped": {"busbridge": str(exc)}}
+            targets["loss"] = Target(skipped={"busbridge": str(exc)})
     first = results.rows[0]
-    return {
+    law = {
         "version": LAW_VERSION,
         "created": int(time.time()),
         "task": first.get("task"),
@@ -80,20 +81,22 @@ def fit_law(results: Results, *, resamples: int = 200, seed: int = 0) -> dict[st
         "data": {"path": results.path, "sha256": results.sha256, "rows": len(results.rows)},
         "targets": targets,
     }
+    return Law.model_validate(law)
 
 
-def save_law(law: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(law, indent=1))
+def save_law(law: Law, path: str | Path) -> None:
+    Path(path).write_text(as_law(law).to_json())
 
 
-def load_law(path: str | Path) -> dict[str, Any]:
+def load_law(path: str | Path) -> Law:
+    """The law in the file at `path`. A file that is missing, not JSON, of another
+    version or of the wrong shape raises LawFileError (a FitError) naming the path and
+    the field."""
     try:
-        law = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FitError(f"cannot read law file {path}: {exc}") from None
-    if not isinstance(law, dict) or law.get("version") != LAW_VERSION:
-        raise FitError(f"{path}: not a law file of version {LAW_VERSION}")
-    return law
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise LawFileError(f"cannot read law file {path}: {exc}") from None
+    return parse_law(text, path)
 
 
 def _point(
@@ -113,7 +116,7 @@ def _point(
 
 
 def predict(
-    law: dict[str, Any],
+    law: Law | Mapping[str, Any],
     *,
     ratio: float,
     examples: float,
@@ -127,25 +130,25 @@ def predict(
     """Predicted value and 95% interval per target for one candidate student."""
     if not 0 < ratio <= 1 or examples <= 0:
         raise FitError(f"need ratio in (0, 1] and examples > 0, got {ratio} and {examples}")
+    law = as_law(law)
     out = {}
     rng = np.random.default_rng(seed)
-    for target, fitted in law["targets"].items():
-        name = form or fitted.get("selected")
-        if name not in fitted.get("forms", {}):
+    for target, fitted in law.targets.items():
+        name = form or fitted.selected
+        if name not in fitted.forms or (target == "loss" and parameters is None):
             continue
-        entry = fitted["forms"][name]
-        if target == "loss" and parameters is None:
-            continue
-        used = np.array([o in entry["used_offsets"] for o in OFFSETS])
+        entry: FormFit = fitted.forms[name]
+        used = np.array([o in entry.used_offsets for o in OFFSETS])
         row = offset_row(format, method, schedule)
         unseen = [o for o, on, u in zip(OFFSETS, row, used, strict=True) if on and not u]
-        x = _point(ratio, examples, format, method, schedule, parameters, fitted["chance"],
-                   fitted.get("teacher_loss"))  # fmt: skip
-        theta = np.array(list(entry["parameters"].values()))
-        samples = np.array(entry["samples"])
+        x = _point(ratio, examples, format, method, schedule, parameters,
+                   fitted.chance if fitted.chance is not None else 0.0,
+                   fitted.teacher_loss)  # fmt: skip
+        theta = np.array(list(entry.parameters.values()))
+        samples = np.array(entry.samples)
         value = float(FORMS[name].predict(theta, x, used)[0])
         spread = np.array([FORMS[name].predict(s, x, used)[0] for s in samples])
-        spread = spread + rng.normal(0, entry["residual_sd"], len(spread))
+        spread = spread + rng.normal(0, entry.residual_sd, len(spread))
         low, high = np.percentile(spread, [2.5, 97.5])
         bounded = target != "loss"
         out[target] = {

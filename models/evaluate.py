@@ -14,7 +14,6 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,19 @@ from transformers import AutoConfig
 from models.backends.base import GenerationRequest, SamplingParams
 from models.backends.local import LocalBackend
 from models.pruning.params import non_embedding_parameters
-from models.store import Manifest, ModelStore
+from models.store import (
+    DomainScore,
+    GeneralScore,
+    Heldout,
+    Interval,
+    LatencyFigures,
+    Manifest,
+    ModelStore,
+)
 from models.tasks import get_task
 from models.tasks.base import Example, Task, TaskError, match_label, normalise
 
 ANSWER_TOKENS = 16
-
-
-@dataclass(frozen=True)
-class Interval:
-    value: float
-    low: float
-    high: float
 
 
 def bootstrap_ci(
@@ -49,7 +49,7 @@ def bootstrap_ci(
     means = values[rng.integers(0, values.size, (resamples, values.size))].mean(axis=1)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
-    return Interval(float(values.mean()), float(low), float(high))
+    return Interval(value=float(values.mean()), low=float(low), high=float(high))
 
 
 def retention(student: float, teacher: float, chance: float) -> float:
@@ -58,13 +58,6 @@ def retention(student: float, teacher: float, chance: float) -> float:
     if teacher <= chance:
         raise ValueError(f"teacher accuracy {teacher:.3f} is not above chance {chance:.3f}")
     return (student - chance) / (teacher - chance)
-
-
-@dataclass(frozen=True)
-class Latency:
-    ttft_ms: float
-    ms_per_token_b1: float
-    ms_per_token_b8: float
 
 
 async def generate_answers(
@@ -88,7 +81,9 @@ async def generate_answers(
         await backend.stop()
 
 
-async def measure_latency(model_dir: Path, max_tokens: int = 32, repeats: int = 3) -> Latency:
+async def measure_latency(
+    model_dir: Path, max_tokens: int = 32, repeats: int = 3
+) -> LatencyFigures:
     """Median time to first token and decode ms/token at batch 1 and batch 8."""
     backend = LocalBackend("latency", model_dir, max_batch_size=8)
     await backend.start()
@@ -108,17 +103,13 @@ async def measure_latency(model_dir: Path, max_tokens: int = 32, repeats: int = 
         await timed(-1)  # warm-up
         solo = [await timed(i) for i in range(repeats)]
         eights = [await asyncio.gather(*(timed(i) for i in range(8))) for _ in range(repeats)]
-        return Latency(
+        return LatencyFigures(
             ttft_ms=statistics.median(t for t, _, _ in solo),
             ms_per_token_b1=statistics.median(m for _, m, _ in solo),
             ms_per_token_b8=statistics.median(m for run in eights for _, m, _ in run),
         )
     finally:
         await backend.stop()
-
-
-def as_dict(value: Any) -> dict[str, Any]:
-    return asdict(value)
 
 
 # -- a registry entry, evaluated and recorded in its manifest ------------------------------
@@ -149,30 +140,34 @@ def _same_answer(task: Task, a: str, b: str) -> bool:
 
 def in_domain(
     store: ModelStore, name: str, task: Task, n: int, reference: str | None
-) -> dict[str, Any]:
+) -> DomainScore:
     """Test-split accuracy with its 95% interval, and agreement with `reference`'s answers."""
     examples = task.examples("test", n)
     answers = _answers(store, name, task, examples)
     scores = [task.score(e, a) for e, a in zip(examples, answers, strict=True)]
-    result = {"n": len(scores), "accuracy": asdict(bootstrap_ci(scores)), "chance": task.chance}
-    if reference is not None:
-        theirs = _answers(store, reference, task, examples)
-        same = [float(_same_answer(task, a, b)) for a, b in zip(answers, theirs, strict=True)]
-        teacher = [task.score(e, a) for e, a in zip(examples, theirs, strict=True)]
-        result["agreement"] = asdict(bootstrap_ci(same))
-        result["reference_accuracy"] = float(np.mean(teacher))
-        result["retention"] = float(np.mean(scores) / max(np.mean(teacher), 1e-9))
-    return result
+    result = DomainScore(n=len(scores), accuracy=bootstrap_ci(scores), chance=task.chance)
+    if reference is None:
+        return result
+    theirs = _answers(store, reference, task, examples)
+    same = [float(_same_answer(task, a, b)) for a, b in zip(answers, theirs, strict=True)]
+    teacher = [task.score(e, a) for e, a in zip(examples, theirs, strict=True)]
+    return result.model_copy(
+        update={
+            "agreement": bootstrap_ci(same),
+            "reference_accuracy": float(np.mean(teacher)),
+            "retention": float(np.mean(scores) / max(np.mean(teacher), 1e-9)),
+        }
+    )
 
 
-def general_knowledge(model_dir: Path) -> dict[str, Any]:
+def general_knowledge(model_dir: Path) -> GeneralScore:
     from models.tasks.knowledge import accuracy_by_loglik
 
     task = get_task("general-knowledge")
     examples = task.examples("test")
     model, tokenizer = _load(model_dir)
     scores = accuracy_by_loglik(model, tokenizer, examples)
-    return {"n": len(scores), "accuracy": asdict(bootstrap_ci(scores)), "chance": task.chance}
+    return GeneralScore(n=len(scores), accuracy=bootstrap_ci(scores), chance=task.chance)
 
 
 def _load(model_dir: Path) -> tuple[Any, Any]:
@@ -183,9 +178,7 @@ def _load(model_dir: Path) -> tuple[Any, Any]:
     return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
-def heldout_divergence(
-    store: ModelStore, name: str, reference: str, task: Task, n: int
-) -> dict[str, float]:
+def heldout_divergence(store: ModelStore, name: str, reference: str, task: Task, n: int) -> Heldout:
     """Mean forward KL to `reference` (top-k, tau = 1) and cross-entropy on its answers,
     per token, over the validation split (never trained on)."""
     import torch
@@ -209,20 +202,20 @@ def heldout_divergence(
             kl += float(topk_forward_kl(logits, lp, ids)) * len(targets)
             ce += float(masked_ce(logits, targets)) * len(targets)
             tokens += len(targets)
-    return {"kl": kl / tokens, "cross_entropy": ce / tokens, "tokens": int(tokens)}
+    return Heldout(kl=kl / tokens, cross_entropy=ce / tokens, tokens=int(tokens))
 
 
 def _reference_gk(store: ModelStore, reference: str) -> float:
     """The reference model's general-knowledge accuracy, measured once and kept in its
     manifest."""
     evaluation = store.manifest(reference).evaluation
-    if "general_knowledge" not in evaluation:
-        evaluation = {
-            **evaluation,
-            "general_knowledge": general_knowledge(store.resolve(reference)),
-        }
+    if evaluation.general_knowledge is None:
+        evaluation = evaluation.model_copy(
+            update={"general_knowledge": general_knowledge(store.resolve(reference))}
+        )
         store.update(reference, evaluation=evaluation)
-    return evaluation["general_knowledge"]["accuracy"]["value"]
+    assert evaluation.general_knowledge is not None
+    return evaluation.general_knowledge.accuracy.value
 
 
 def evaluate_entry(
@@ -243,21 +236,29 @@ def evaluate_entry(
     the_task = get_task(task_name)
     model_dir = store.resolve(name)
     reference = manifest.parent
-    evaluation = dict(manifest.evaluation)
+    previous = manifest.evaluation
     domain = in_domain(store, name, the_task, test_examples, reference)
-    evaluation.setdefault("in_domain", {})[the_task.name] = domain
     gk = general_knowledge(model_dir)
+    heldout = dict(previous.heldout)
     if reference is not None:
-        gk["retention"] = retention(gk["accuracy"]["value"], _reference_gk(store, reference), 0.25)
-        evaluation.setdefault("heldout", {})[the_task.name] = heldout_divergence(
+        kept = retention(gk.accuracy.value, _reference_gk(store, reference), 0.25)
+        gk = gk.model_copy(update={"retention": kept})
+        heldout[the_task.name] = heldout_divergence(
             store, name, reference, the_task, heldout_examples
         )
-    evaluation["general_knowledge"] = gk
-    evaluation["non_embedding_parameters"] = non_embedding_parameters(
-        AutoConfig.from_pretrained(model_dir)
+    evaluation = previous.model_copy(
+        update={
+            "in_domain": {**previous.in_domain, the_task.name: domain},
+            "heldout": heldout,
+            "general_knowledge": gk,
+            "non_embedding_parameters": int(
+                non_embedding_parameters(AutoConfig.from_pretrained(model_dir))
+            ),
+            "reference": reference,
+            "evaluated": int(time.time()),
+        }
     )
     if latency:
-        evaluation["latency"] = asdict(asyncio.run(measure_latency(model_dir)))
-    evaluation["reference"] = reference
-    evaluation["evaluated"] = int(time.time())
+        latency_figures = asyncio.run(measure_latency(model_dir))
+        evaluation = evaluation.model_copy(update={"latency": latency_figures})
     return store.update(name, evaluation=evaluation)

@@ -38,6 +38,73 @@ class StoreError(Exception):
     """A model the store was asked for is missing, exists already, or cannot be changed."""
 
 
+class _Strict(BaseModel):
+    """A part of a manifest's evaluation: numbers must be numbers, unknown keys are errors
+    (what does not fit the schema goes under `Evaluation.extra`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Interval(_Strict):
+    """A measured value with its 95% interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+class DomainScore(_Strict):
+    """Accuracy on one task's test split; with a reference model, agreement with its
+    answers, its accuracy and the share of it kept."""
+
+    n: int = Field(ge=0)
+    accuracy: Interval
+    chance: float | None = None
+    agreement: Interval | None = None
+    reference_accuracy: float | None = None
+    retention: float | None = None
+
+
+class GeneralScore(_Strict):
+    """General-knowledge probe accuracy; `retention` is chance-normalised against the
+    reference model's accuracy."""
+
+    n: int = Field(ge=0)
+    accuracy: Interval
+    chance: float | None = None
+    retention: float | None = None
+
+
+class Heldout(_Strict):
+    """Per-token forward KL to the reference and cross-entropy on its answers."""
+
+    kl: float
+    cross_entropy: float
+    tokens: int = Field(ge=0)
+
+
+class LatencyFigures(_Strict):
+    """Median time to first token and decode time per token at batch 1 and batch 8."""
+
+    ttft_ms: float
+    ms_per_token_b1: float
+    ms_per_token_b8: float
+
+
+class Evaluation(_Strict):
+    """What `distillgate eval` measured (models/evaluate.py), keyed by task where it is
+    per task. Every part is optional: a teacher may only have its general score."""
+
+    in_domain: dict[str, DomainScore] = Field(default_factory=dict)
+    heldout: dict[str, Heldout] = Field(default_factory=dict)
+    general_knowledge: GeneralScore | None = None
+    non_embedding_parameters: int | None = Field(None, ge=0)
+    latency: LatencyFigures | None = None
+    reference: str | None = None
+    evaluated: int | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest(BaseModel):
     """What the registry knows of a model besides its weights: role and lineage (how it
     was made), and its evaluation results once measured."""
@@ -56,7 +123,26 @@ class Manifest(BaseModel):
     supervision: str | None = None
     method: str | None = None
     seed: int | None = None
-    evaluation: dict[str, Any] = Field(default_factory=dict)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest at `path`; a file that is not one raises StoreError naming the path,
+    the field and the value found (OSError when it cannot be read)."""
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise StoreError(f"{path} is not a valid manifest: {describe(exc)}") from None
+
+
+def describe(exc: ValidationError) -> str:
+    """A validation error on one line: each problem's dotted field, message and input."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        found = "" if error["type"] == "missing" else f" (got {error['input']!r:.60})"
+        parts.append(f"{field}: {error['msg']}{found}")
+    return "; ".join(parts)
 
 
 def default_root() -> Path:
@@ -138,11 +224,9 @@ class ModelStore:
     def manifest(self, name: str) -> Manifest:
         path = self.resolve(name) / MANIFEST
         try:
-            return Manifest.model_validate_json(path.read_text())
+            return read_manifest(path)
         except FileNotFoundError:
             return Manifest(name=name, role="student", created=int(path.parent.stat().st_mtime))
-        except ValidationError as exc:
-            raise StoreError(f"{path} is not a valid manifest: {exc.errors()[0]['msg']}") from None
 
     def entries(self) -> list[Manifest]:
         """Every whole model in the store, by name (staging and removed ones excluded)."""
@@ -152,8 +236,12 @@ class ModelStore:
         return [self.manifest(n) for n in names if self.has(n)]
 
     def update(self, name: str, **fields: Any) -> Manifest:
-        """Rewrite fields of a manifest (e.g. `evaluation=`) atomically."""
-        manifest = self.manifest(name).model_copy(update=fields)
+        """Rewrite fields of a manifest (e.g. `evaluation=`) atomically, validated as a
+        whole so that what is written reads back."""
+        try:
+            manifest = Manifest.model_validate({**dict(self.manifest(name)), **fields})
+        except ValidationError as exc:
+            raise StoreError(f"model {name!r}: invalid manifest update: {describe(exc)}") from None
         _write_json(self.path_for(name) / MANIFEST, manifest)
         return manifest
 

@@ -125,8 +125,7 @@ def versions() -> dict[str, str]:
 def _teacher_reference(store: ModelStore, grid: Grid) -> dict[str, Any]:
     """The teacher's own figures the law is relative to, measured once per sweep."""
     manifest = store.manifest(grid.teacher)
-    domain = manifest.evaluation.get("in_domain", {}).get(grid.task)
-    if domain is None or "general_knowledge" not in manifest.evaluation:
+    if grid.task not in manifest.evaluation.in_domain or not manifest.evaluation.general_knowledge:
         manifest = evaluate_entry(
             store, grid.teacher, task=grid.task, test_examples=grid.test_examples,
             latency=False,
@@ -136,17 +135,22 @@ def _teacher_reference(store: ModelStore, grid: Grid) -> dict[str, Any]:
     loss = heldout_divergence(
         store, grid.teacher, grid.teacher, get_task(grid.task), grid.heldout_examples
     )
+    ev = manifest.evaluation
+    if ev.general_knowledge is None or grid.task not in ev.in_domain:
+        raise SweepError(f"the teacher {grid.teacher} has no {grid.task} or general score")
     return {
-        "in_domain": manifest.evaluation["in_domain"][grid.task]["accuracy"]["value"],
-        "general": manifest.evaluation["general_knowledge"]["accuracy"]["value"],
-        "cross_entropy": loss["cross_entropy"],
-        "non_embedding_parameters": manifest.evaluation.get("non_embedding_parameters"),
+        "in_domain": ev.in_domain[grid.task].accuracy.value,
+        "general": ev.general_knowledge.accuracy.value,
+        "cross_entropy": loss.cross_entropy,
+        "non_embedding_parameters": ev.non_embedding_parameters,
     }
 
 
 def row(spec: StudentSpec, manifest, teacher: dict[str, Any], seconds: float) -> dict:
     ev = manifest.evaluation
-    domain = ev["in_domain"][spec.task]
+    domain, general, heldout = ev.in_domain[spec.task], ev.general_knowledge, ev.heldout[spec.task]
+    if general is None or domain.agreement is None:
+        raise SweepError(f"{spec.name}: no general or agreement score in its evaluation")
     phases = manifest.training["phases"]
     return {
         "name": spec.name,
@@ -161,24 +165,24 @@ def row(spec: StudentSpec, manifest, teacher: dict[str, Any], seconds: float) ->
         "pruning": spec.pruning,
         "seed": spec.seed,
         "epochs": spec.epochs,
-        "non_embedding_parameters": ev["non_embedding_parameters"],
+        "non_embedding_parameters": ev.non_embedding_parameters,
         "train_tokens": sum(p["target_tokens"] for p in phases),
-        "in_domain": domain["accuracy"]["value"],
-        "in_domain_low": domain["accuracy"]["low"],
-        "in_domain_high": domain["accuracy"]["high"],
-        "in_domain_n": domain["n"],
-        "chance": domain["chance"],
-        "agreement": domain["agreement"]["value"],
-        "general": ev["general_knowledge"]["accuracy"]["value"],
-        "general_n": ev["general_knowledge"]["n"],
-        "general_retention": ev["general_knowledge"]["retention"],
-        "heldout_kl": ev["heldout"][spec.task]["kl"],
-        "heldout_ce": ev["heldout"][spec.task]["cross_entropy"],
+        "in_domain": domain.accuracy.value,
+        "in_domain_low": domain.accuracy.low,
+        "in_domain_high": domain.accuracy.high,
+        "in_domain_n": domain.n,
+        "chance": domain.chance,
+        "agreement": domain.agreement.value,
+        "general": general.accuracy.value,
+        "general_n": general.n,
+        "general_retention": general.retention,
+        "heldout_kl": heldout.kl,
+        "heldout_ce": heldout.cross_entropy,
         "teacher_in_domain": teacher["in_domain"],
         "teacher_general": teacher["general"],
         "teacher_ce": teacher["cross_entropy"],
         "teacher_non_embedding_parameters": teacher["non_embedding_parameters"],
-        "latency": ev.get("latency"),
+        "latency": ev.latency.model_dump() if ev.latency else None,
         "seconds": round(seconds, 1),
         "versions": versions(),
         "created": int(time.time()),

@@ -1,14 +1,18 @@
-"""Real server processes on loopback for tests: `distillgate serve` started as a child
-process on a free port, waited for, and stopped (its output kept for failures)."""
+"""The command line and real server processes for tests: `cli` runs `distillgate ARGS` in
+this process (fast: no second torch import), `cli_process` as a child process (the smoke
+tests), and `gateway` starts `distillgate serve` on a free loopback port, waits for it and
+stops it (its output kept for failures)."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,18 +20,35 @@ from pathlib import Path
 import httpx
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+DISTILLGATE = [sys.executable, "-m", "gateway.cli"]
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`distillgate ARGS` as a child process; its exit code and output."""
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def cli(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`distillgate ARGS` run in this process through its entry function, with its exit
+    code and output captured as a child process's would be. (`timeout` is accepted for
+    the callers written for `cli_process`; nothing runs in the background to stop.)"""
+    from gateway.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse: usage errors and --help
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess(["distillgate", *args], code, out.getvalue(), err.getvalue())
+
+
+def cli_process(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """`distillgate ARGS` as a child process (in `cwd`, default a fresh temporary
+    directory, so nothing depends on the repo being the working directory)."""
+    with contextlib.ExitStack() as stack:
+        where = cwd or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        return subprocess.run(
+            [*DISTILLGATE, *args], cwd=where, env=env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
 
 
 def free_port() -> int:
@@ -80,9 +101,7 @@ def gateway(
     port = free_port()
     log = path.with_suffix(".log")
     cmd = [
-        sys.executable,
-        "-m",
-        "gateway.cli",
+        *DISTILLGATE,
         "serve",
         "--config",
         str(path),
@@ -94,7 +113,7 @@ def gateway(
     if store is not None:
         cmd += ["--store", str(store)]
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
         if ready:

@@ -1,6 +1,6 @@
 """The student factory's two performance figures, on the real teacher. Run by hand:
 
-    .venv/bin/python bench/distill/run.py [--store var/bench-store] [--task finance-headlines]
+    .venv/bin/python -m bench.distill.run [--store var/bench-store] [--task finance-headlines]
 
 1. Teacher adaptation (LoRA, merged) on the task's train split; in-domain accuracy of the
    teacher before and after.
@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", type=Path, default=REPO / "var" / "bench-store")
+    parser.add_argument("--store", type=Path, default=Path("var/bench-store"))
     parser.add_argument("--task", default="finance-headlines")
     parser.add_argument("--adapt-examples", type=int, default=1000)
     parser.add_argument("--examples", type=int, default=1000)
@@ -40,7 +36,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def accuracy(manifest, task: str) -> dict:
-    domain = manifest.evaluation["in_domain"][task]
+    domain = manifest.evaluation.model_dump()["in_domain"][task]
     return {"accuracy": domain["accuracy"], "retention": domain.get("retention")}
 
 
@@ -60,9 +56,9 @@ def adapted_teacher(store, args) -> tuple[str, dict]:
     adapted = evaluate_entry(store, name, test_examples=args.test_examples, latency=True)
     result["before"] = accuracy(base, args.task)["accuracy"]
     result["after"] = accuracy(adapted, args.task)["accuracy"]
-    result["general_knowledge_before"] = base.evaluation["general_knowledge"]["accuracy"]
-    result["general_knowledge_after"] = adapted.evaluation["general_knowledge"]["accuracy"]
-    result["latency"] = adapted.evaluation["latency"]
+    result["general_knowledge_before"] = base.evaluation.general_knowledge.accuracy.model_dump()
+    result["general_knowledge_after"] = adapted.evaluation.general_knowledge.accuracy.model_dump()
+    result["latency"] = adapted.evaluation.model_dump()["latency"]
     return name, result
 
 
@@ -91,9 +87,9 @@ def student(store, args, teacher: str, ratio: float) -> dict:
         "steps": sum(p["steps"] for p in phases),
         "target_tokens": sum(p["target_tokens"] for p in phases),
         **accuracy(evaluated, args.task),
-        "general_knowledge": evaluated.evaluation["general_knowledge"],
-        "heldout": evaluated.evaluation["heldout"][args.task],
-        "latency": evaluated.evaluation["latency"],
+        "general_knowledge": evaluated.evaluation.model_dump()["general_knowledge"],
+        "heldout": evaluated.evaluation.model_dump()["heldout"][args.task],
+        "latency": evaluated.evaluation.model_dump()["latency"],
     }
 
 

@@ -2,7 +2,7 @@
 teacher depth-pruned to 15 layers, with and without running the batch's shared prompt
 prefix once. Run by hand:
 
-    .venv/bin/python bench/distill/step.py [--store var/bench-store] [--repeats 5]
+    .venv/bin/python -m bench.distill.step [--store var/bench-store] [--repeats 5]
 
 Prints the largest difference between the two paths' hidden states and the median
 seconds per step of each.
@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", type=Path, default=REPO / "var" / "bench-store")
+    parser.add_argument("--store", type=Path, default=Path("var/bench-store"))
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 

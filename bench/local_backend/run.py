@@ -1,7 +1,7 @@
 """Throughput of LocalBackend (continuous batching) against naive per-request
 `model.generate` on the real teacher, at 1 and 8 concurrent requests. Run by hand:
 
-    .venv/bin/python bench/local_backend/run.py [--store var/test-store] [--repeats 3]
+    .venv/bin/python -m bench.local_backend.run [--store var/test-store] [--repeats 3]
 
 Every run decodes greedily with the same chat prompts and max_tokens; throughput is the
 completion tokens actually generated (EOS ends a request early) over the wall time from
@@ -17,14 +17,10 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 PROMPTS = (
     "Write a long story about a dragon who learns to bake bread.",
@@ -40,7 +36,7 @@ PROMPTS = (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", type=Path, default=REPO / "var" / "test-store")
+    parser.add_argument("--store", type=Path, default=Path("var/test-store"))
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -129,7 +125,7 @@ async def bench(model_dir: Path, args: argparse.Namespace) -> dict[str, dict]:
     machine falls on both sides alike; medians over the repeats."""
     from models.backends.local import LocalBackend
 
-    backend = LocalBackend("teacher", model_dir, max_batch_size=8, threads=args.threads)
+    backend = LocalBackend("teacher", model_dir, max_batch_size=8)
     await backend.start()
     naive = await asyncio.to_thread(Naive, model_dir)
     batches: list[int] = []

@@ -3,7 +3,7 @@
 httpx.AsyncClient (httpcore), all POSTing the same chat completion to the instant server,
 one request at a time and 32 at once, in this process (uvloop when installed).
 
-    .venv/bin/python bench/overhead/client.py [--requests 3000]
+    .venv/bin/python -m bench.overhead.client [--requests 3000]
 """
 
 from __future__ import annotations
@@ -12,21 +12,15 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent.parent)]
-
-from run import process  # noqa: E402
-
-from models.backends.base import GenerationRequest, SamplingParams  # noqa: E402
-from models.backends.openai_http import OpenAIHTTPBackend  # noqa: E402
+from bench.overhead.run import INSTANT, process
+from models.backends.base import GenerationRequest, SamplingParams
+from models.backends.openai_http import OpenAIHTTPBackend
 
 MESSAGES = ({"role": "user", "content": "Say hello."},)
 
@@ -91,7 +85,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8102)
     args = parser.parse_args()
     url = f"http://127.0.0.1:{args.port}"
-    server = [sys.executable, str(HERE / "instant_server.py"), "--port", str(args.port)]
+    server = [*INSTANT, "--port", str(args.port)]
     with process("instant server", server, f"{url}/health", 30):
         try:
             import uvloop

@@ -1,14 +1,16 @@
 """The gateway's overhead: wrk against the instant server directly and through distillgate.
 
-Starts the instant server (on the port named in gateway.yaml's `url`) and `distillgate
-serve --config bench/overhead/gateway.yaml` (one uvicorn worker, an `openai` backend in
-front of the instant server), then runs wrk (chat.lua: one small chat completion per
-request) at each concurrency, both targets side by side in every repeat, and prints the
-medians over the repeats of p50, p99 and requests/s. Fails clearly if the gateway does
+Starts the instant server (gateway/instant.py, on the port named in gateway.yaml's `url`)
+and `distillgate serve --config bench/overhead/gateway.yaml` (one uvicorn worker, an
+`openai` backend in front of the instant server), then runs wrk (chat.lua: one small chat
+completion per request) at each concurrency, both targets side by side in every repeat, and
+prints the medians over the repeats of p50, p99 and requests/s. Fails clearly if the gateway does
 not come up.
 
-    .venv/bin/python bench/overhead/run.py                    # both, 5 x 10 s
-    .venv/bin/python bench/overhead/run.py --direct-only      # the instant server alone
+    .venv/bin/python -m bench.overhead.run                    # both, 5 x 10 s
+    .venv/bin/python -m bench.overhead.run --direct-only      # the instant server alone
+
+(from the repo root: bench/ is a package of scripts, not part of the installed project)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,12 +29,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from importlib.resources import as_file, files
 from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
+# The instant server: an OpenAI-compatible server that answers at once (gateway/instant.py).
+INSTANT = [sys.executable, "-m", "gateway.instant"]
 
 
 class BenchError(Exception):
@@ -50,7 +54,7 @@ def answers_200(url: str) -> bool:
 def process(name: str, argv: list[str], ready_url: str, timeout_s: float) -> Iterator[None]:
     """Run `argv` until `ready_url` answers 200; stop it afterwards."""
     with tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
         while not answers_200(ready_url):
@@ -73,11 +77,19 @@ def process(name: str, argv: list[str], ready_url: str, timeout_s: float) -> Ite
             proc.wait()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wrk(url: str, model: str, connections: int, seconds: float) -> dict:
     """One wrk run; the RESULT line printed by chat.lua, parsed."""
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s",
-            "-s", str(HERE / "chat.lua"), url]  # fmt: skip
-    run = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "MODEL": model})
+    with as_file(files(__package__).joinpath("chat.lua")) as script:
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s",
+                "-s", str(script), url]  # fmt: skip
+        env = {**os.environ, "MODEL": model}
+        run = subprocess.run(argv, capture_output=True, text=True, env=env)
     lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
         raise BenchError(f"wrk failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
@@ -130,7 +142,12 @@ def report(rows: dict, concurrency: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=HERE / "gateway.yaml")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=files(__package__) / "gateway.yaml",
+        help="gateway config: one openai model in front of the instant server",
+    )
     parser.add_argument("--gateway-port", type=int, default=8100)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=5)
@@ -144,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     instant_url, model = backend["url"].rstrip("/"), backend["name"]
     port = instant_url.rsplit(":", 1)[1]
     gateway_url = f"http://127.0.0.1:{args.gateway_port}"
-    instant = [sys.executable, str(HERE / "instant_server.py"), "--port", port,
-               "--model", backend.get("served_model") or model]  # fmt: skip
+    instant = [*INSTANT, "--port", port, "--model", backend.get("served_model") or model]
     gateway = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(args.config),
                "--host", "127.0.0.1", "--port", str(args.gateway_port)]  # fmt: skip
     targets = {"direct": (instant_url, backend.get("served_model") or model)}

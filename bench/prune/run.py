@@ -1,7 +1,7 @@
 """Structural pruning of the real teacher (SmolLM2-135M-Instruct) to r = 0.5 and 0.25 by
 depth and by width, before any distillation. Run by hand:
 
-    .venv/bin/python bench/prune/run.py [--store var/test-store] [--ratios 0.5 0.25]
+    .venv/bin/python -m bench.prune.run [--store var/test-store] [--ratios 0.5 0.25]
 
 For each student: pruning time (calibration included), sizes, non-embedding parameters,
 the achieved ratio, a save + reload round trip, held-out cross-entropy on a few
@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 CALIBRATION = (
     "Acme Corp shares jumped 8% after quarterly earnings beat analyst estimates.",
@@ -46,7 +42,7 @@ PROMPT = "What is the capital of France? Answer in one sentence."
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", type=Path, default=REPO / "var" / "test-store")
+    parser.add_argument("--store", type=Path, default=Path("var/test-store"))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--methods", nargs="+", default=["depth", "width"])
     parser.add_argument("--new-tokens", type=int, default=32)

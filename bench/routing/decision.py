@@ -3,7 +3,7 @@ a finance-headline prompt, and the whole `Router.route` (class, detection, quali
 latency and cost estimates, decision, metrics) over 8 served models, each timed call by
 call; p50 and p99 in microseconds, medians over `--repeats` rounds.
 
-    .venv/bin/python bench/routing/decision.py [--calls 20000] [--repeats 5] [--json F]
+    .venv/bin/python -m bench.routing.decision [--calls 20000] [--repeats 5] [--json F]
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import dataclasses
 import json
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
+from distillgate_deploy import shipped
 from gateway.config import parse_config
 from gateway.metrics import Metrics
 from gateway.routing.domains import GENERAL, fit_for
@@ -90,8 +88,8 @@ def main() -> None:
     router.models = _Models({n: None for n in NAMES}, {}, table, detector, accuracy)
     for i, n in enumerate(NAMES):
         router.estimates.prior(n, 40 + 10 * i, 20 + 5 * i)
-    shipped = Path(__file__).resolve().parents[2] / "deploy" / "policy.yaml"
-    router.policy_file = PolicyFile(shipped, load_policy(shipped))  # never refreshed here
+    policy = shipped("policy.yaml")
+    router.policy_file = PolicyFile(policy, load_policy(policy))  # never refreshed here
 
     cases = {
         "select (8 candidates)": lambda: choose(candidates, slo, exploration=0.02,

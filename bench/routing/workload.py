@@ -21,7 +21,7 @@ accuracy against the references and agreement with the teacher's answer; SLO att
 is the share of requests within the class's p95_latency_ms (for the baselines, the
 phase-1 latency of the model they pick).
 
-    .venv/bin/python bench/routing/workload.py --store var/bench-store \\
+    .venv/bin/python -m bench.routing.workload --store var/bench-store \\
         --teacher smollm2-135m-instruct-finance-headlines-lora --students A B \\
         [--law docs/results/law.json] [--slo-class interactive batch ...] \\
         [--finance 120 --support 40 --general 40] [--json F]
@@ -43,17 +43,13 @@ import httpx
 import yaml
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "bench" / "overhead"), str(REPO)]
-
-from run import process  # noqa: E402  (bench/overhead/run.py)
-
-from gateway.routing.estimates import cost_per_1k  # noqa: E402
-from gateway.routing.policy import load_policy  # noqa: E402
-from models.store import ModelStore  # noqa: E402
-from models.tasks import get_task  # noqa: E402
-from models.tasks.base import match_label  # noqa: E402
-from tests.servers import free_port  # noqa: E402
+from bench.overhead.run import free_port, process
+from distillgate_deploy import shipped
+from gateway.routing.estimates import cost_per_1k
+from gateway.routing.policy import load_policy
+from models.store import ModelStore
+from models.tasks import get_task
+from models.tasks.base import match_label
 
 
 @dataclass
@@ -97,7 +93,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--students", nargs="+", required=True)
     parser.add_argument("--law", type=Path)
-    parser.add_argument("--policy", type=Path, default=REPO / "deploy" / "policy.yaml")
+    parser.add_argument("--policy", type=Path, default=shipped("policy.yaml"))
     parser.add_argument("--slo-class", nargs="+", default=["interactive"])
     parser.add_argument("--finance", type=int, default=120)
     parser.add_argument("--support", type=int, default=40)
@@ -164,11 +160,11 @@ def summarise(picks, teacher_text, price, models, limit) -> dict:
 def fixed_scores(args, models, manifests) -> dict[str, float]:
     """semantic-router's `multi_factor` style: one score per model, its measured accuracy on
     its own task relative to the teacher's there, whatever the request."""
-    ref = manifests[args.teacher].evaluation.get("in_domain", {})
+    ref = manifests[args.teacher].evaluation.model_dump().get("in_domain", {})
     fixed = {}
     for m in models:
         task = manifests[m].task or "finance-headlines"
-        own = manifests[m].evaluation.get("in_domain", {}).get(task) or {}
+        own = manifests[m].evaluation.model_dump().get("in_domain", {}).get(task) or {}
         base = (ref.get(task) or {}).get("accuracy", {}).get("value", 1)
         fixed[m] = 1.0 if m == args.teacher else own.get("accuracy", {}).get("value", 0) / base
     return fixed
@@ -234,7 +230,7 @@ def main() -> None:
     models = [args.teacher, *args.students]
     manifests = {m: store.manifest(m) for m in models}
     policy = load_policy(args.policy)
-    params = {m: manifests[m].evaluation.get("non_embedding_parameters") for m in models}
+    params = {m: manifests[m].evaluation.non_embedding_parameters for m in models}
     price = {m: cost_per_1k(m, policy.costs, policy.teacher_cost_per_1k_tokens, params[m],
                             params[args.teacher]) for m in models}  # fmt: skip
     counts = {"finance-headlines": args.finance, "support-tickets": args.support,

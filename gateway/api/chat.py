@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from fastapi import APIRouter, Request, Response
 
-from gateway.api.generation import (
-    Job,
-    cancel_on_disconnect,
-    complete,
-    parse_body,
-    sampling,
-    sse,
-    stream_response,
-    target,
-)
-from gateway.errors import InvalidRequest
+from gateway.api.generation import Job, Result, fan_out, parse_body, run, sampling, sse, target
 from gateway.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -22,85 +15,98 @@ from gateway.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
     Delta,
     Usage,
+    chat_logprobs,
+    chat_messages,
     new_id,
     now,
 )
 from gateway.routing.router import request_text
 from gateway.state import GatewayDep
-from models.backends.base import GenerationChunk, GenerationRequest
+from models.backends.base import GenerationChunk, GenerationRequest, TokenLogprob
 
 router = APIRouter()
-
-
-def _check_supported(req: ChatCompletionRequest) -> None:
-    if req.logprobs:
-        raise InvalidRequest("logprobs are not supported by distillgate yet.", param="logprobs")
-    if req.tools:
-        raise InvalidRequest("tools are not supported by distillgate yet.", param="tools")
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     req = await parse_body(request, ChatCompletionRequest, gw.config.limits.max_body_bytes)
-    _check_supported(req)
+    req.check()
+    messages = chat_messages(req.messages)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling(req, gw, max_tokens, param)
-    messages = tuple({"role": m.role, "content": m.text()} for m in req.messages)
     to = target(gw, request, req.model, request_text(messages), params.max_tokens)
-    rid, created, model = new_id("chatcmpl"), now(), to.model
-    gen = GenerationRequest(request_id=rid, params=params, messages=messages,
-                            stream=bool(req.stream))  # fmt: skip
-    tracker = to.tracker(gw, "chat")
-    job = Job(to.backend, gen, tracker, "messages", default_max_tokens=max_tokens is None)
-    if req.stream:
-        usage = req.include_usage()
-
-        def frame(chunk: GenerationChunk, first: bool) -> list[bytes]:
-            return _chunk_events(rid, created, model, chunk, first, usage)
-
-        return await stream_response(job, frame, to.headers)
-    result = await cancel_on_disconnect(request, complete(gw, job))
-    body = ChatCompletion(
-        id=rid,
-        created=created,
-        model=model,
-        choices=[
-            ChatChoice(
-                message=AssistantMessage(content=result.text), finish_reason=result.finish_reason
-            )
-        ],
-        usage=Usage.of(result.prompt_tokens, result.completion_tokens),
+    rid = new_id("chatcmpl")
+    gen = GenerationRequest(
+        request_id=rid, params=params, messages=messages, stream=bool(req.stream)
     )
-    return Response(body.model_dump_json(), media_type="application/json", headers=to.headers)
+    job = Job(
+        to.backend,
+        fan_out(gen, req.choices()),
+        "messages",
+        default_max_tokens=max_tokens is None,
+        stream=bool(req.stream),
+    )
+    render = ChatRender(rid, now(), to.model, req.include_usage(), params.logprobs)
+    return await run(request, gw, to, "chat", job, render)
 
 
-def _chunk_events(
-    rid: str, created: int, model: str, chunk: GenerationChunk, first: bool, usage: bool
-) -> list[bytes]:
-    events = []
-    if first:
-        events.append(_event(rid, created, model, Delta(role="assistant", content=""), None))
-    if chunk.text or chunk.finish_reason:
-        delta = Delta(content=chunk.text) if chunk.text else Delta()
-        events.append(_event(rid, created, model, delta, chunk.finish_reason))
-    if chunk.finish_reason and usage:
-        events.append(
-            sse(
-                ChatCompletionChunk(
-                    id=rid,
-                    created=created,
-                    model=model,
-                    choices=[],
-                    usage=Usage.of(chunk.prompt_tokens or 0, chunk.completion_tokens or 0),
-                )
+@dataclass(frozen=True)
+class ChatRender:
+    """chat.completion and chat.completion.chunk objects for one request."""
+
+    rid: str
+    created: int
+    model: str
+    include_usage: bool
+    logprobs: bool
+
+    def body(self, results: Sequence[Result], usage: Usage) -> ChatCompletion:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=r.text),
+                logprobs=self._logprobs(r.logprobs),
+                finish_reason=r.finish_reason,
+            )
+            for i, r in enumerate(results)
+        ]
+        return ChatCompletion(
+            id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def chunk(self, index: int, chunk: GenerationChunk, first: bool) -> list[bytes]:
+        events = []
+        if first:  # OpenAI opens each choice with the role and empty content
+            events.append(
+                self._event(ChatChunkChoice(index=index, delta=Delta(role="assistant", content="")))
+            )
+        if chunk.text or chunk.finish_reason:
+            choice = ChatChunkChoice(
+                index=index,
+                delta=Delta(content=chunk.text) if chunk.text else Delta(),
+                logprobs=self._logprobs(chunk.logprobs),
+                finish_reason=chunk.finish_reason,
+            )
+            events.append(self._event(choice))
+        return events
+
+    def usage(self, usage: Usage) -> bytes:
+        return sse(
+            ChatCompletionChunk(
+                id=self.rid, created=self.created, model=self.model, choices=[], usage=usage
             )
         )
-    return events
 
+    def _logprobs(self, tokens: Sequence[TokenLogprob] | None) -> ChatLogprobs | None:
+        return chat_logprobs(tokens or ()) if self.logprobs else None
 
-def _event(rid: str, created: int, model: str, delta: Delta, finish: str | None) -> bytes:
-    choice = ChatChunkChoice(delta=delta, finish_reason=finish)
-    return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice]))
+    def _event(self, choice: ChatChunkChoice) -> bytes:
+        return sse(
+            ChatCompletionChunk(
+                id=self.rid, created=self.created, model=self.model, choices=[choice]
+            )
+        )

@@ -1,7 +1,11 @@
 """What chat and completions share: reading a bounded body, checking the sampling
-fields, running a backend stream with metrics and cancellation, and SSE framing.
+fields, running a request's n generations with metrics, timeouts and cancellation, and
+answering it, as one JSON body or as SSE events.
 
-The endpoint modules only translate between OpenAI's shapes and `GenerationRequest`.
+The endpoint modules only translate between OpenAI's shapes and `GenerationRequest`, and
+hand a `Render` to `run`. Once a request has reached a model, `run` owns it: its Tracker
+counts the outcome (and an error, once) and `run` answers it, so no error of a tracked
+request reaches the app's exception handlers.
 """
 
 from __future__ import annotations
@@ -9,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
@@ -23,12 +27,14 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     ServiceUnavailable,
+    TimedOut,
+    error_response,
     sse_error,
     to_gateway_error,
     validation_error,
 )
 from gateway.metrics import Metrics
-from gateway.protocol import _Sampling
+from gateway.protocol import Usage, _Sampling
 from gateway.routing.router import Route, api_key_of, is_auto
 from gateway.state import Gateway
 from models.backends.base import (
@@ -37,10 +43,12 @@ from models.backends.base import (
     GenerationRequest,
     PromptTooLong,
     SamplingParams,
+    TokenLogprob,
 )
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
+Stream = AsyncIterator[GenerationChunk]
 
 
 async def parse_body(request: Request, model: type[M], limit: int) -> M:
@@ -66,21 +74,47 @@ def _too_large(size: int, limit: int) -> str:
 def sampling(req: _Sampling, gw: Gateway, max_tokens: int | None, param: str) -> SamplingParams:
     """Check what the backends cannot and build SamplingParams. `max_tokens` is the
     effective value (max_completion_tokens wins over max_tokens for chat)."""
-    if req.n not in (None, 1):
+    limits = gw.config.limits
+    # n generations wait for backend slots together: more than the queue holds never fits.
+    if req.choices() > limits.queue_size:
         raise InvalidRequest(
-            f"n={req.n} is not supported: distillgate returns one choice (n=1).", param="n"
+            f"n={req.choices()} exceeds this gateway's limit of {limits.queue_size} "
+            "choices per request (limits.queue_size).",
+            param="n",
         )
-    limit = gw.config.limits.max_tokens
-    if max_tokens is not None and max_tokens > limit:
+    if max_tokens is not None and max_tokens > limits.max_tokens:
         raise InvalidRequest(
-            f"{param}={max_tokens} exceeds this gateway's limit of {limit} tokens.", param=param
+            f"{param}={max_tokens} exceeds this gateway's limit of {limits.max_tokens} tokens.",
+            param=param,
         )
+    logprobs, top_logprobs = req.wanted_logprobs()
     return SamplingParams(
-        max_tokens=max_tokens or gw.config.limits.default_max_tokens,
+        max_tokens=max_tokens or limits.default_max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed,
         stop=req.stop_list(),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=req.bias(),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def fan_out(request: GenerationRequest, n: int) -> tuple[GenerationRequest, ...]:
+    """n generations for OpenAI's `n`: with a seed, choice i samples with seed + i, so the
+    choices differ yet the whole answer is reproducible."""
+    if n == 1:
+        return (request,)
+    seed = request.params.seed
+    return tuple(
+        replace(
+            request,
+            request_id=f"{request.request_id}-{i}",
+            params=request.params if seed is None else replace(request.params, seed=seed + i),
+        )
+        for i in range(n)
     )
 
 
@@ -121,10 +155,21 @@ def target(gw: Gateway, request: Request, model: str, text: str, max_tokens: int
 
 @dataclass
 class Result:
+    """One choice, whole. `logprobs` is None when the backend sent none."""
+
     text: str
     finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
+    logprobs: list[TokenLogprob] | None
+
+
+class Render(Protocol):
+    """An endpoint's OpenAI shapes: the whole answer, and its stream events."""
+
+    include_usage: bool
+
+    def body(self, results: Sequence[Result], usage: Usage) -> BaseModel: ...
+    def chunk(self, index: int, chunk: GenerationChunk, first: bool) -> list[bytes]: ...
+    def usage(self, usage: Usage) -> bytes: ...
 
 
 Observer = Callable[[str, float | None, float, int], None]  # outcome, ttft, duration, tokens
@@ -132,37 +177,48 @@ Observer = Callable[[str, float | None, float, int], None]  # outcome, ttft, dur
 
 @dataclass
 class Tracker:
-    """Observes one request: TTFT, inter-token latency, tokens, outcome; `observer` (the
-    router's, for routed requests) hears the outcome, TTFT, duration and tokens at the end."""
+    """Observes one request (all its choices): TTFT, inter-token latency, tokens, outcome,
+    and its error, counted here once; `observer` (the router's, for routed requests) hears
+    the outcome, TTFT, duration and the longest choice's tokens at the end."""
 
     metrics: Metrics
     model: str
     endpoint: str
     observer: Observer | None = None
     start: float = field(default_factory=time.perf_counter)
-    last: float | None = None
     first: float | None = None
+    last: dict[int, float] = field(default_factory=dict)
+    prompt_tokens: int | None = None
     completion_tokens: int = 0
+    longest: int = 0
     finished: bool = False
 
     def __post_init__(self) -> None:
         self.bound = self.metrics.for_model(self.model)
         self.bound.in_flight.inc()
 
-    def chunk(self, chunk: GenerationChunk) -> None:
+    def chunk(self, chunk: GenerationChunk, index: int = 0) -> None:
         t, m = time.perf_counter(), self.bound
-        if self.last is None:
+        last = self.last.get(index)
+        if self.first is None:
             self.first = t - self.start
             m.ttft.observe(self.first)
-        elif chunk.text:
-            m.itl.observe(t - self.last)
-        self.last = t
+        elif last is not None and chunk.text:
+            m.itl.observe(t - last)
+        self.last[index] = t
         if chunk.finish_reason is not None:
-            m.prompt_tokens.inc(chunk.prompt_tokens or 0)
-            m.completion_tokens.inc(chunk.completion_tokens or 0)
-            self.completion_tokens = chunk.completion_tokens or 0
+            if self.prompt_tokens is None:  # one prompt, however many choices (as OpenAI)
+                self.prompt_tokens = chunk.prompt_tokens or 0
+                m.prompt_tokens.inc(self.prompt_tokens)
+            tokens = chunk.completion_tokens or 0
+            self.completion_tokens += tokens
+            self.longest = max(self.longest, tokens)
+            m.completion_tokens.inc(tokens)
             if chunk.batch_size:
                 m.batch_size.observe(chunk.batch_size)
+
+    def usage(self) -> Usage:
+        return Usage.of(self.prompt_tokens or 0, self.completion_tokens)
 
     def done(self, outcome: str, error: GatewayError | None = None) -> None:
         if self.finished:
@@ -172,129 +228,236 @@ class Tracker:
         duration = time.perf_counter() - self.start
         self.bound.e2e.observe(duration)
         if self.observer is not None:
-            self.observer(outcome, self.first, duration, self.completion_tokens)
+            # choices run side by side: the longest one is what the duration measured
+            self.observer(outcome, self.first, duration, self.longest)
         self.metrics.requests.labels(self.model, self.endpoint, outcome).inc()
         if error is not None:
             self.metrics.errors.labels(self.model, error.type).inc()
-            error.counted = True
 
-
-def outcome_of(err: GatewayError) -> str:
-    return "client_error" if err.status < 500 else "server_error"
+    def fail(self, exc: BaseException, param: str) -> GatewayError:
+        """End the request with `exc`, counted; the error the client gets."""
+        err = to_gateway_error(exc, param)
+        self.done("client_error" if err.status < 500 else "server_error", err)
+        return err
 
 
 @dataclass(frozen=True)
 class Job:
-    """One generation as the endpoints hand it over. `default_max_tokens` says max_tokens
-    was not given, so it may shrink to fit the context instead of failing."""
+    """A request's generations (one per choice) as the endpoints hand them over.
+    `default_max_tokens` says max_tokens was not given, so it may shrink to fit the
+    context instead of failing; `param` is the field a too-long prompt is blamed on."""
 
     backend: Backend
-    request: GenerationRequest
-    tracker: Tracker
+    requests: tuple[GenerationRequest, ...]
     param: str
     default_max_tokens: bool
+    stream: bool
 
 
-async def _open(job: Job) -> tuple[AsyncIterator[GenerationChunk], GenerationChunk]:
-    """Start a generation and wait for its first chunk, so that errors raised before any
-    output (queue full, prompt too long) become HTTP statuses, not stream events."""
-    request = job.request
+async def run(
+    request: Request, gw: Gateway, to: Target, endpoint: str, job: Job, render: Render
+) -> Response:
+    """Serve `job` on `to` and answer: JSON, or SSE when it streams."""
+    tracker = to.tracker(gw, endpoint)
+    if job.stream:
+        return await _stream(gw, job, tracker, render, to.headers)
+    try:
+        results = await cancel_on_disconnect(request, _complete(gw, job, tracker))
+    except asyncio.CancelledError:
+        tracker.done("cancelled")
+        raise
+    except Exception as exc:
+        return error_response(tracker.fail(exc, job.param), to.headers)
+    tracker.done("success")
+    body = render.body(results, tracker.usage())
+    return Response(body.model_dump_json(), media_type="application/json", headers=to.headers)
+
+
+async def _open(
+    job: Job, request: GenerationRequest, idle: float | None, tracker: Tracker, index: int
+) -> tuple[Stream, GenerationChunk]:
+    """Start choice `index`'s generation and wait for its first chunk (its arrival is the
+    time to first token), so that errors raised before any output (queue full, prompt too
+    long) become HTTP statuses, not stream events."""
     for attempt in (1, 2):
         stream = job.backend.generate(request)
         try:
-            first = await anext(stream)
-            break
-        except StopAsyncIteration:
-            raise ServiceUnavailable("The backend ended the stream without output.") from None
+            first = await _next(stream, idle)
+            if first is None:
+                raise ServiceUnavailable("The backend ended the stream without output.")
+            tracker.chunk(first, index)
+            return stream, first
         except PromptTooLong as exc:
             room = exc.context_length - exc.prompt_tokens
             if attempt == 2 or not job.default_max_tokens or room < 1:
                 raise ContextLengthExceeded(str(exc), param=job.param) from None
-            params = replace(request.params, max_tokens=room)
-            request = replace(request, params=params)
+            request = replace(request, params=replace(request.params, max_tokens=room))
         except BaseException:
             await stream.aclose()
             raise
-    job.tracker.chunk(first)
-    return stream, first
+    raise AssertionError("unreachable")
 
 
-async def complete(gw: Gateway, job: Job) -> Result:
-    """Run a generation to its end and collect the text."""
+async def _next(stream: Stream, idle: float | None) -> GenerationChunk | None:
+    """The stream's next chunk, None at its end; TimedOut after `idle` seconds without one
+    (cancelling the wait cancels the backend's generation, which frees its slot)."""
+    try:
+        async with asyncio.timeout(idle):
+            return await anext(stream)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise TimedOut(
+            f"The model sent no token for {idle:g} s (limits.stream_idle_timeout_s="
+            f"{idle:g}); the stream was ended."
+        ) from None
+
+
+async def _together(works: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run side by side; the first failure cancels the others (freeing their backend
+    slots) and is raised."""
+    if len(works) == 1:
+        return [await works[0]]
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _complete(gw: Gateway, job: Job, tracker: Tracker) -> list[Result]:
+    """Run every choice to its end and collect the text, within limits.request_timeout_s."""
     timeout = gw.config.limits.request_timeout_s
-    tracker = job.tracker
     try:
         async with asyncio.timeout(timeout):
-            stream, chunk = await _open(job)
-            parts = [chunk.text]
-            async with contextlib.aclosing(stream):
-                async for chunk in stream:
-                    tracker.chunk(chunk)
-                    parts.append(chunk.text)
+            return await _together(
+                [_collect(job, r, i, tracker) for i, r in enumerate(job.requests)]
+            )
     except TimeoutError:
-        err = ServiceUnavailable(f"The request did not finish within {timeout:g} s.")
-        tracker.done("server_error", err)
-        raise err from None
+        raise TimedOut(
+            f"The request did not finish within {timeout:g} s (limits.request_timeout_s)."
+        ) from None
+
+
+async def _collect(job: Job, request: GenerationRequest, index: int, tracker: Tracker) -> Result:
+    stream, chunk = await _open(job, request, None, tracker, index)
+    parts: list[str] = []
+    logprobs: list[TokenLogprob] | None = None
+    async with contextlib.aclosing(stream):
+        while True:
+            parts.append(chunk.text)
+            if chunk.logprobs is not None:
+                logprobs = logprobs or []
+                logprobs.extend(chunk.logprobs)
+            following = await anext(stream, None)
+            if following is None:
+                return Result("".join(parts), chunk.finish_reason or "stop", logprobs)
+            tracker.chunk(following, index)
+            chunk = following
+
+
+async def _stream(
+    gw: Gateway, job: Job, tracker: Tracker, render: Render, headers: dict[str, str]
+) -> Response:
+    """SSE once every choice has its first chunk (an error before that is an HTTP status);
+    an error after that goes out as an error event, then `[DONE]`."""
+    idle = gw.config.limits.stream_idle_timeout_s
+    try:
+        opened = await _open_all(job, idle, tracker)
     except asyncio.CancelledError:
         tracker.done("cancelled")
         raise
     except Exception as exc:
-        err = to_gateway_error(exc, job.param)
-        tracker.done(outcome_of(err), err)
-        raise err from None
-    tracker.done("success")
-    return Result(
-        "".join(parts),
-        chunk.finish_reason or "stop",
-        chunk.prompt_tokens or 0,
-        chunk.completion_tokens or 0,
+        return error_response(tracker.fail(exc, job.param), headers)
+    events = _events(opened, idle, tracker, render, job.param)
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers}
     )
 
 
-Frame = Callable[[GenerationChunk, bool], list[bytes]]
-
-
-async def stream_response(
-    job: Job, frame: Frame, headers: dict[str, str] | None = None
-) -> StreamingResponse:
-    """SSE: `frame(chunk, first)` renders each chunk's events; an error after the stream
-    has started goes out as an error event, then `[DONE]`."""
-    tracker, param = job.tracker, job.param
+async def _open_all(
+    job: Job, idle: float, tracker: Tracker
+) -> list[tuple[Stream, GenerationChunk]]:
+    """Every choice's stream with its first chunk; if one fails, the others are closed."""
+    if len(job.requests) == 1:
+        return [await _open(job, job.requests[0], idle, tracker, 0)]
+    tasks = [
+        asyncio.ensure_future(_open(job, r, idle, tracker, i)) for i, r in enumerate(job.requests)
+    ]
     try:
-        stream, first = await _open(job)
-    except asyncio.CancelledError:
-        tracker.done("cancelled")
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        for res in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(res, tuple):
+                await res[0].aclose()
         raise
-    except Exception as exc:
-        err = to_gateway_error(exc, param)
-        tracker.done(outcome_of(err), err)
-        raise err from None
 
-    async def events() -> AsyncIterator[bytes]:
-        outcome, error = "success", None
-        try:
-            for event in frame(first, True):
+
+async def _events(
+    opened: list[tuple[Stream, GenerationChunk]],
+    idle: float,
+    tracker: Tracker,
+    render: Render,
+    param: str,
+) -> AsyncIterator[bytes]:
+    rest = _rest([s for s, _ in opened], idle)
+    try:
+        for i, (_, first) in enumerate(opened):
+            for event in render.chunk(i, first, True):
                 yield event
-            async with contextlib.aclosing(stream):
-                async for chunk in stream:
-                    tracker.chunk(chunk)
-                    for event in frame(chunk, False):
-                        yield event
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
-            raise
-        except Exception as exc:
-            error = to_gateway_error(exc, param)
-            outcome = outcome_of(error)
-            yield sse_error(error)
-        finally:
-            tracker.done(outcome, error)
-        yield b"data: [DONE]\n\n"
+        async for i, chunk in rest:
+            tracker.chunk(chunk, i)
+            for event in render.chunk(i, chunk, False):
+                yield event
+        if render.include_usage:
+            yield render.usage(tracker.usage())
+        tracker.done("success")
+    except Exception as exc:
+        yield sse_error(tracker.fail(exc, param))
+    finally:
+        tracker.done("cancelled")  # a no-op unless the client went away
+        await rest.aclose()  # stops the pumps of n > 1 before their streams are closed
+        for stream, _ in opened:
+            await stream.aclose()
+    yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", **(headers or {})},
-    )  # fmt: skip
+
+async def _rest(streams: list[Stream], idle: float) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Every choice's chunks after its first, as (choice index, chunk) in arrival order."""
+    if len(streams) == 1:
+        while (chunk := await _next(streams[0], idle)) is not None:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: Stream) -> None:
+        try:
+            while (chunk := await _next(stream, idle)) is not None:
+                queue.put_nowait((i, chunk))
+            queue.put_nowait((i, None))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        finally:
+            await stream.aclose()
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in range(len(streams)):  # until every choice has ended
+            while True:
+                i, item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield i, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 def sse(model: BaseModel) -> bytes:

@@ -1,18 +1,35 @@
-"""GET /v1/models: every configured model, then `auto` and one `auto:<class>` per SLO
-class of the routing policy, in OpenAI's list shape."""
+"""GET /v1/models and GET /v1/models/{id}: every configured model, then `auto` and one
+`auto:<class>` per SLO class of the routing policy, in OpenAI's shapes."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from gateway.errors import ModelNotFound
 from gateway.protocol import ModelEntry, ModelList
-from gateway.state import GatewayDep
+from gateway.state import Gateway, GatewayDep
 
 router = APIRouter()
 
 
 @router.get("/v1/models", response_model=None)
 async def list_models(gw: GatewayDep) -> Response:
+    return Response(ModelList(data=_entries(gw)).model_dump_json(), media_type="application/json")
+
+
+@router.get("/v1/models/{model_id:path}", response_model=None)
+async def retrieve_model(model_id: str, gw: GatewayDep) -> Response:
+    entries = _entries(gw)
+    for entry in entries:
+        if entry.id == model_id:
+            return Response(entry.model_dump_json(), media_type="application/json")
+    available = ", ".join(e.id for e in entries)
+    raise ModelNotFound(
+        f"The model '{model_id}' does not exist. Available models: {available}.", param="model"
+    )
+
+
+def _entries(gw: Gateway) -> list[ModelEntry]:
     entries = []
     for model in gw.config.models:
         backend = gw.backends.get(model.name)
@@ -33,4 +50,4 @@ async def list_models(gw: GatewayDep) -> Response:
         for name in ("auto", *(f"auto:{c}" for c in policy.classes)):
             entries.append(ModelEntry(id=name, created=gw.started, role="router",
                                       backend="routing"))  # fmt: skip
-    return Response(ModelList(data=entries).model_dump_json(), media_type="application/json")
+    return entries

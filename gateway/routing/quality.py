@@ -20,10 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from statistics import NormalDist
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gateway.routing.domains import GENERAL
-from models.store import Manifest
+from models.store import Interval, Manifest
+
+if TYPE_CHECKING:  # the law (scipy) is imported only when a law is configured
+    from law.schema import Law
 
 Z95 = 1.959964
 
@@ -54,31 +57,30 @@ class Quality:
 UNKNOWN = Quality(0.0, 0.0, "unknown")
 
 
-def _estimate(interval: Mapping[str, float] | None) -> tuple[float, float] | None:
-    """(mean, variance) from a {value, low, high} interval."""
-    if not interval or interval.get("value") is None:
+def _estimate(interval: Interval | None) -> tuple[float, float] | None:
+    """(mean, variance) from a 95% interval."""
+    if interval is None:
         return None
-    low, high = interval.get("low"), interval.get("high")
-    sd = (high - low) / (2 * Z95) if low is not None and high is not None else 0.05
-    return float(interval["value"]), max(sd, 0.005) ** 2
+    sd = (interval.high - interval.low) / (2 * Z95)
+    return interval.value, max(sd, 0.005) ** 2
 
 
-def measured(manifest: Manifest, domain: str) -> dict[str, float] | None:
+def measured(manifest: Manifest, domain: str) -> Interval | None:
     """The model's measured accuracy interval on `domain` (general knowledge when it was
     not evaluated on that domain)."""
     ev = manifest.evaluation
-    if domain != GENERAL and domain in ev.get("in_domain", {}):
-        return ev["in_domain"][domain].get("accuracy")
+    if domain != GENERAL and domain in ev.in_domain:
+        return ev.in_domain[domain].accuracy
     if manifest.role == "student" and domain == manifest.task:
         return None  # its own task, not evaluated: the law may still know
-    return ev.get("general_knowledge", {}).get("accuracy")
+    return ev.general_knowledge.accuracy if ev.general_knowledge else None
 
 
-def from_law(law: Mapping[str, Any] | None, manifest: Manifest, domain: str):
+def from_law(law: Law | None, manifest: Manifest, domain: str) -> Interval | None:
     """The law's prediction interval for a student on `domain`, when the law covers it."""
     if law is None or manifest.role != "student" or manifest.compression_ratio is None:
         return None
-    if manifest.task != law.get("task") or manifest.parent not in (None, law.get("teacher")):
+    if manifest.task != law.task or manifest.parent not in (None, law.teacher):
         return None
     from law.fit import FitError
     from law.predict import predict
@@ -92,10 +94,11 @@ def from_law(law: Mapping[str, Any] | None, manifest: Manifest, domain: str):
         )  # fmt: skip
     except FitError:
         return None
-    return out.get("in_domain" if domain == manifest.task else "general")
+    p = out.get("in_domain" if domain == manifest.task else "general")
+    return Interval(value=p["value"], low=p["low"], high=p["high"]) if p else None
 
 
-def predict_quality(manifest: Manifest, domain: str, law: Mapping[str, Any] | None) -> Quality:
+def predict_quality(manifest: Manifest, domain: str, law: Law | None) -> Quality:
     sources = {
         "law": _estimate(from_law(law, manifest, domain)),
         "measured": _estimate(measured(manifest, domain)),
@@ -139,7 +142,7 @@ def build_table(
     manifests: Mapping[str, Manifest | None],
     roles: Mapping[str, str],
     domains: list[str],
-    law: Mapping[str, Any] | None,
+    law: Law | None,
 ) -> QualityTable:
     """`manifests`: each served model's registry manifest (None for remote models)."""
     absolute = {}

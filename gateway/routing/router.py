@@ -4,20 +4,23 @@ request's domain, gathers each ready model's predicted quality, latency and cost
 the selector. After the answer it records the observed latency, SLO attainment and the
 cost saved against always sending to the teacher.
 
-The policy file, the served models' manifests and the law are reread by `refresh()` (the
-gateway calls it every second); a request keeps the state it started with.
+The policy file and the served models' manifests are reread by `refresh()` (the gateway
+calls it every second); a request keeps the state it started with. A manifest that cannot
+be read (malformed JSON, a field of the wrong type) never stops the reloading: routing keeps
+that model's last good manifest, logs the problem once per version of the file and counts
+it in `distillgate_registry_errors_total{model}`.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import GatewayConfig, LocalModel
 from gateway.errors import InvalidRequest, ServiceUnavailable
@@ -28,7 +31,10 @@ from gateway.routing.policy import DEFAULT_POLICY, Policy, PolicyFile, SloClass
 from gateway.routing.quality import QualityTable, build_table, z_for
 from gateway.routing.selector import Candidate, Decision, Slo, choose
 from models.backends.base import Backend
-from models.store import Manifest, ModelStore, StoreError
+from models.store import Manifest, ModelStore, StoreError, read_manifest
+
+if TYPE_CHECKING:
+    from law.schema import Law
 
 log = logging.getLogger("distillgate")
 
@@ -84,10 +90,13 @@ class Router:
     backends: Mapping[str, Backend]
     metrics: Metrics
     policy_file: PolicyFile | None = None
-    law: dict[str, Any] | None = None
+    law: Law | None = None
     estimates: Estimates = field(default_factory=Estimates)
     models: _Models | None = None
     rng: random.Random = field(default_factory=random.Random)
+    # model -> mtime of the bad manifest last reported, so each bad version is logged and
+    # counted once however often the models are reloaded
+    bad_manifests: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -103,6 +112,8 @@ class Router:
 
             law = load_law(routing.law)
         router = cls(config, store, backends, metrics, policy_file, law)
+        for model in config.models:  # a zero to alert on before the first error
+            metrics.registry_errors.labels(model.name)
         if router.policy.seed is not None:
             router.rng.seed(router.policy.seed)
         router.models = router._load_models()
@@ -128,37 +139,59 @@ class Router:
             stamps[m.name] = path.stat().st_mtime if path and path.is_file() else 0.0
         return stamps
 
-    def _load_models(self) -> _Models:
-        manifests: dict[str, Manifest | None] = {}
-        for m in self.config.models:
-            path = self._manifest_path(m.name)
-            manifests[m.name] = None
-            if path is not None and path.is_file():
-                try:
-                    manifests[m.name] = Manifest.model_validate(json.loads(path.read_text()))
-                except (OSError, ValueError) as exc:
-                    log.warning("routing: cannot read the manifest of %s: %s", m.name, exc)
+    def _read_manifest(self, name: str, stamp: float) -> Manifest | None:
+        """`name`'s manifest; when it cannot be read, the last good one (or None)."""
+        path = self._manifest_path(name)
+        if path is None or not stamp:
+            return None
+        try:
+            manifest = _check_task(path, read_manifest(path))
+        except (StoreError, OSError) as exc:
+            if self.bad_manifests.get(name) != stamp:
+                self.bad_manifests[name] = stamp
+                self.metrics.registry_errors.labels(name).inc()
+                log.error("routing: keeping the last good manifest of %s: %s", name, exc)
+            return self.models.manifests.get(name) if self.models else None
+        if self.bad_manifests.pop(name, None) is not None:
+            log.info("routing: the manifest of %s is valid again", name)
+        return manifest
+
+    def _load_models(self, stamps: dict[str, float] | None = None) -> _Models:
+        # Stamps first: a file that changes while it is read is read again next time.
+        stamps = self._stamps() if stamps is None else stamps
+        manifests = {m.name: self._read_manifest(m.name, stamps[m.name])
+                     for m in self.config.models}  # fmt: skip
         tasks = sorted({mf.task for mf in manifests.values()
                         if mf is not None and mf.role == "student" and mf.task})  # fmt: skip
         detector, accuracy = fit_for(tasks) if tasks else (DomainDetector.fit([]), 1.0)
         roles = {m.name: m.role for m in self.config.models}
         table = build_table(manifests, roles, [*tasks, GENERAL], self.law)
         for name, mf in manifests.items():
-            latency = (mf.evaluation.get("latency") or {}) if mf else {}
-            self.estimates.prior(name, latency.get("ttft_ms"), latency.get("ms_per_token_b1"))
+            latency = mf.evaluation.latency if mf else None
+            if latency is not None:
+                self.estimates.prior(name, latency.ttft_ms, latency.ms_per_token_b1)
+            else:
+                self.estimates.prior(name, None, None)
         if tasks:
             log.info("routing: domains %s, detector held-out accuracy %.3f", tasks, accuracy)
-        return _Models(manifests, self._stamps(), table, detector, accuracy)
+        return _Models(manifests, stamps, table, detector, accuracy)
 
     def refresh(self) -> None:
-        """Reread the policy and, when a manifest changed, the models (blocking)."""
+        """Reread the policy and, when a manifest changed, the models (blocking). Never
+        raises: the gateway's refresh loop must outlive any one bad file."""
         if self.policy_file is not None:
             self.policy_file.refresh()
-        if self.models is None or self._stamps() != self.models.stamps:
-            try:
-                self.models = self._load_models()
-            except (StoreError, OSError, ValueError) as exc:
-                log.error("routing: models not reloaded: %s", exc)
+        stamps = self._stamps()
+        if self.models is not None and stamps == self.models.stamps:
+            return
+        try:
+            self.models = self._load_models(stamps)
+        except Exception:
+            # Something beyond one manifest (a task the domain detector cannot load, say):
+            # keep the last good state, and retry only when a file changes again.
+            log.exception("routing: models not reloaded; keeping the last good state")
+            if self.models is not None:
+                self.models = dataclasses.replace(self.models, stamps=stamps)
 
     # -- a request ---------------------------------------------------------------------
 
@@ -251,9 +284,7 @@ class Router:
             if count:
                 return int(count)
         manifest = self.models.manifests.get(name) if self.models else None
-        if manifest is not None:
-            return manifest.evaluation.get("non_embedding_parameters")
-        return None
+        return manifest.evaluation.non_embedding_parameters if manifest else None
 
     def observe(
         self, route: Route, outcome: str, ttft_s: float | None, duration_s: float, tokens: int
@@ -274,6 +305,20 @@ class Router:
             )
         m.route_cost.labels(route.model).inc(route.cost)
         m.route_cost_saved.inc(max(route.teacher_cost - route.cost, 0.0))
+
+
+def _check_task(path: Path, manifest: Manifest) -> Manifest:
+    """A student's task must load: routing fits its domain detector on it, and one task
+    that cannot load would stop every model's reload."""
+    from models.tasks import get_task
+    from models.tasks.base import TaskError
+
+    if manifest.role == "student" and manifest.task:
+        try:
+            get_task(manifest.task)
+        except (TaskError, OSError) as exc:
+            raise StoreError(f"{path}: task: {exc}") from None
+    return manifest
 
 
 def request_text(messages_or_prompt: Any) -> str:

@@ -24,13 +24,26 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to decode. temperature 0 means greedy; seed makes sampling reproducible."""
+    """How to decode. temperature 0 means greedy; seed makes sampling reproducible.
+
+    The penalties and `logit_bias` follow OpenAI's definitions: a token's logit is
+    lowered by `presence_penalty` once it has appeared in the completion and by
+    `frequency_penalty` times its count there, and `logit_bias` adds a fixed value
+    (-100..100) to the logits of the given token ids before sampling. `logprobs` asks
+    for the chosen token's log-probability and `top_logprobs` (0..20) alternatives per
+    position, computed from the model's distribution before penalties and temperature.
+    """
 
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids unique
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,16 +68,32 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token as OpenAI's `logprobs.content[i]` describes it: its text, its
+    log-probability and the `top` most likely alternatives at that position."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """A piece of generated text. The last chunk of a stream has `finish_reason` set
     and carries the exact token counts; `batch_size` is the largest number of sequences
-    the backend decoded together while this request ran (None when unknown)."""
+    the backend decoded together while this request ran (None when unknown).
+
+    With `SamplingParams.logprobs`, `logprobs` holds the tokens sampled since the
+    previous chunk (in a non-streamed answer, the final chunk holds them all); None when
+    not asked for. Tokens held back for a stop string arrive with the text they make.
+    """
 
     text: str
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     batch_size: int | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +151,15 @@ class PromptTooLong(BackendError):
             f"prompt has {prompt_tokens} tokens and max_tokens asks for {max_tokens} more "
             f"({prompt_tokens + max_tokens} in all). Shorten the prompt or lower max_tokens."
         )
+
+
+class InvalidParams(BackendError):
+    """A request the backend cannot run as given (a `logit_bias` token id outside the
+    vocabulary, say); rendered as a 400 whose `param` is `param`."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
 
 
 class Overloaded(BackendError):

@@ -8,7 +8,9 @@ aiohttp's (`httpx_aiohttp.AiohttpTransport`, what the openai SDK offers as
 A non-streaming request is one POST and one JSON parse (the gateway's hot path); a stream
 is parsed line by line as it arrives, and its response closed as soon as the consumer
 closes the generator, which drops the connection and frees the remote server's slot.
-Failures become `base.py`'s exceptions.
+Sampling fields beyond the basic ones (penalties, logit_bias, logprobs) are sent only when
+set, so servers that do not know them keep working; log-probabilities come back in
+`GenerationChunk.logprobs`. Failures become `base.py`'s exceptions.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from models.backends.base import (
     ModelCard,
     Overloaded,
     Role,
+    SamplingParams,
+    TokenLogprob,
     Unavailable,
     UpstreamError,
 )
@@ -160,7 +164,10 @@ class OpenAIHTTPBackend:
                 raise error_from_response(
                     self.name, response.status_code, response.headers, response.content
                 )
-            yield whole_answer(parse_json(response.content, self.name), chat=path == CHAT_PATH)
+            data = parse_json(response.content, self.name)
+            yield whole_answer(
+                data, chat=path == CHAT_PATH, logprobs=request.params.logprobs, backend=self.name
+            )
         finally:
             self._running -= 1
 
@@ -173,7 +180,7 @@ class OpenAIHTTPBackend:
             if response.status_code >= 400:
                 raw = await response.aread()
                 raise error_from_response(self.name, response.status_code, response.headers, raw)
-            state = StreamState(chat=path == CHAT_PATH)
+            state = StreamState(path == CHAT_PATH, request.params.logprobs, self.name)
             # Read to the end of the body even after [DONE] so the connection is reused.
             # OpenAI-compatible servers send each event as one `data:` line.
             async for line in response.aiter_lines():
@@ -183,7 +190,7 @@ class OpenAIHTTPBackend:
                 if data == "[DONE]":
                     state.done = True
                 elif text := state.feed(parse_json(data.encode(), self.name)):
-                    yield GenerationChunk(text=text)
+                    yield GenerationChunk(text=text, logprobs=state.take())
             yield state.final(self.name, self.base_url + path)
         except WIRE_ERRORS as exc:
             raise self._failure(path, exc) from exc
@@ -261,10 +268,29 @@ def request_body(request: GenerationRequest, model: str, *, stream: bool) -> tup
         body["seed"] = params.seed
     if params.stop:
         body["stop"] = list(params.stop)
+    body.update(optional_fields(params, chat=chat))
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
     path = CHAT_PATH if chat else COMPLETIONS_PATH
     return path, json.dumps(body, separators=(",", ":")).encode()
+
+
+def optional_fields(params: SamplingParams, *, chat: bool) -> dict:
+    """The sampling fields that are set, as OpenAI names them; neutral ones are left out."""
+    fields: dict = {}
+    if params.presence_penalty:
+        fields["presence_penalty"] = params.presence_penalty
+    if params.frequency_penalty:
+        fields["frequency_penalty"] = params.frequency_penalty
+    if params.logit_bias:
+        fields["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
+    if params.logprobs and chat:
+        fields["logprobs"] = True
+        if params.top_logprobs:
+            fields["top_logprobs"] = params.top_logprobs
+    elif params.logprobs:  # legacy completions: logprobs is the number of alternatives
+        fields["logprobs"] = params.top_logprobs
+    return fields
 
 
 def parse_json(raw: bytes, backend: str) -> dict:
@@ -278,27 +304,68 @@ def parse_json(raw: bytes, backend: str) -> dict:
     return data
 
 
-def final_chunk(text: str, reason: object, usage: dict) -> GenerationChunk:
+def final_chunk(
+    text: str, reason: object, usage: dict, logprobs: tuple[TokenLogprob, ...] | None = None
+) -> GenerationChunk:
     """The last chunk. Our FinishReason has two values: all but `length` count as a stop."""
     finish = "length" if reason == "length" else "stop"
-    return GenerationChunk(text, finish, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    return GenerationChunk(
+        text, finish, usage.get("prompt_tokens"), usage.get("completion_tokens"),
+        logprobs=logprobs,
+    )  # fmt: skip
 
 
-def whole_answer(data: dict, *, chat: bool) -> GenerationChunk:
-    """The one chunk of a non-streaming answer: whole text, finish reason, usage."""
+def whole_answer(
+    data: dict, *, chat: bool, logprobs: bool = False, backend: str = "remote"
+) -> GenerationChunk:
+    """The one chunk of a non-streaming answer: whole text, finish reason, usage, and the
+    log-probabilities when they were asked for."""
     choice = (data.get("choices") or [{}])[0]
     text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
-    return final_chunk(text or "", choice.get("finish_reason"), data.get("usage") or {})
+    tokens = tuple(parse_logprobs(choice, chat=chat, backend=backend)) if logprobs else None
+    return final_chunk(text or "", choice.get("finish_reason"), data.get("usage") or {}, tokens)
+
+
+def parse_logprobs(choice: dict, *, chat: bool, backend: str) -> list[TokenLogprob]:
+    """A choice's log-probabilities: chat's `logprobs.content[]` or the completions
+    `logprobs.tokens / token_logprobs / top_logprobs` lists. None or absent: no tokens."""
+    found = choice.get("logprobs")
+    try:
+        if not found:
+            return []
+        if chat:
+            return [TokenLogprob(str(e["token"]), _logprob(e["logprob"]),
+                                 tuple((str(t["token"]), _logprob(t["logprob"]))
+                                       for t in e.get("top_logprobs") or ()))
+                    for e in found.get("content") or ()]  # fmt: skip
+        tokens, values = found.get("tokens") or [], found.get("token_logprobs") or []
+        tops = found.get("top_logprobs") or [None] * len(tokens)
+        return [TokenLogprob(str(token), _logprob(value),
+                             tuple((str(t), _logprob(v)) for t, v in (top or {}).items()))
+                for token, value, top in zip(tokens, values, tops, strict=True)]  # fmt: skip
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        message = f"backend {backend!r} answered with malformed logprobs: {found!r:.200} ({exc})"
+        raise UpstreamError(502, message) from None
+
+
+def _logprob(value: float | str | None) -> float:
+    """A remote's log-probability; null (vLLM's for a token it cannot score) is OpenAI's
+    -9999.0, the value it uses for "very unlikely"."""
+    return -9999.0 if value is None else float(value)
 
 
 @dataclasses.dataclass
 class StreamState:
-    """What a stream has said so far that the final chunk needs."""
+    """What a stream has said so far that the final chunk needs, and the tokens' log-
+    probabilities not yet handed on (a token whose text is empty waits for the next)."""
 
     chat: bool
+    logprobs: bool = False
+    backend: str = "remote"
     finish: str | None = None
     usage: dict = dataclasses.field(default_factory=dict)
     done: bool = False
+    pending: list[TokenLogprob] = dataclasses.field(default_factory=list)
 
     def feed(self, event: dict) -> str:
         """Take one SSE event; return its text delta. An error event raises."""
@@ -307,14 +374,23 @@ class StreamState:
         self.usage = event.get("usage") or self.usage
         choice = (event.get("choices") or [{}])[0]
         self.finish = choice.get("finish_reason") or self.finish
+        if self.logprobs:
+            self.pending += parse_logprobs(choice, chat=self.chat, backend=self.backend)
         text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
         return text or ""
+
+    def take(self) -> tuple[TokenLogprob, ...] | None:
+        """The log-probabilities since the last chunk (None when not asked for)."""
+        if not self.logprobs:
+            return None
+        taken, self.pending = tuple(self.pending), []
+        return taken
 
     def final(self, backend: str, url: str) -> GenerationChunk:
         """The last chunk; a stream cut before `[DONE]` and a finish reason is a failure."""
         if not self.done and self.finish is None:
             raise Unavailable(f"backend {backend!r} at {url}: the stream ended before the answer")
-        return final_chunk("", self.finish, self.usage)
+        return final_chunk("", self.finish, self.usage, self.take())
 
 
 def error_from_response(

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils.logging import tqdm  # follows its progress-bar switch (--no-progress)
 
 from models.tasks.base import Example
 
@@ -142,12 +142,12 @@ def _hidden(base: PreTrainedModel, items: Sequence[TrainingSequence], pad: int) 
     if share < 8:
         return base.model(input_ids=ids, attention_mask=mask).last_hidden_state
     head = base.model(input_ids=ids[:1, :share], use_cache=True)
-    cache = head.past_key_values
+    cache = head.cache
     cache.reorder_cache(torch.zeros(len(items), dtype=torch.long))
     positions = torch.arange(share, ids.shape[1]).expand(len(items), -1)
     tail = base.model(
         input_ids=ids[:, share:], attention_mask=mask, position_ids=positions,
-        past_key_values=cache, use_cache=True,
+        cache=cache, use_cache=True,
     ).last_hidden_state  # fmt: skip
     return torch.cat([head.last_hidden_state.expand(len(items), -1, -1), tail], dim=1)
 

@@ -117,6 +117,33 @@ def _check_teacher(store: ModelStore, teacher: str) -> None:
         raise FactoryError(f"teacher {teacher!r} is not in the store at {store.root}")
 
 
+@dataclass(frozen=True)
+class TeacherAccuracy:
+    """How often the teacher answers a task's validation items correctly, beside chance."""
+
+    accuracy: float
+    n: int
+    chance: float
+
+
+def teacher_accuracy(store: ModelStore, teacher: str, task_name: str, n: int) -> TeacherAccuracy:
+    """The teacher's accuracy on the first `n` validation items of the task, answered
+    greedily through the serving code path (models/evaluate.py), for a check before
+    distilling: a teacher that cannot do the task teaches a student that cannot either."""
+    import asyncio
+
+    from models.evaluate import ANSWER_TOKENS, generate_answers
+
+    task = _task(task_name)
+    items = task.examples("validation", n)
+    if not items:
+        raise FactoryError(f"task {task.name!r} has no validation split to check the teacher on")
+    chats = [e.messages() for e in items]
+    answers = asyncio.run(generate_answers(store.resolve(teacher), chats, ANSWER_TOKENS))
+    scores = [task.score(e, a) for e, a in zip(items, answers, strict=True)]
+    return TeacherAccuracy(sum(scores) / len(scores), len(scores), task.chance)
+
+
 def _load(path: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.tasks.base import Example, Kind, Split, TaskError, check_split, normalise
 
-DATA = Path(__file__).parent / "data" / "general_knowledge.jsonl"
+# Package data (pyproject's package-data), so an installed wheel has it too.
+DATA = Path(str(files("models.tasks").joinpath("data", "general_knowledge.jsonl")))
 
 
 def _split_of(item_id: str) -> Split:
@@ -108,14 +110,14 @@ def _chunk_scores(
     first = torch.log_softmax(out.logits[owner, -1].float(), -1)
     scores = [float(first[row, option[0]]) for row, option in enumerate(options)]
     if max(map(len, options)) > 1:
-        cache = out.past_key_values
+        cache = out.cache
         cache.reorder_cache(torch.tensor(owner))
         rest, rest_mask = _right_padded([o[:-1] for o in options], pad)
         full_mask = torch.cat([mask[owner], rest_mask], dim=1)
         start = mask[owner].sum(-1, keepdim=True)
         rest_positions = start + torch.arange(rest.shape[1])
         logits = model(input_ids=rest, attention_mask=full_mask, position_ids=rest_positions,
-                       past_key_values=cache).logits  # fmt: skip
+                       cache=cache).logits  # fmt: skip
         for row, option in enumerate(options):
             if len(option) > 1:
                 steps = torch.log_softmax(logits[row, : len(option) - 1].float(), -1)

@@ -4,29 +4,13 @@ case with the exception class the official SDK raises, and the metrics."""
 from __future__ import annotations
 
 import json
-import time
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
-from gateway.config import parse_config
 from models.backends.base import Overloaded, PromptTooLong, Unavailable, UpstreamError
-from tests.gateway.scripted import ScriptedBackend
-
-
-def _client(backends: dict[str, ScriptedBackend], **limits) -> TestClient:
-    config = parse_config(
-        {
-            "models": [
-                {"name": n, "backend": "openai", "url": "http://127.0.0.1:9"} for n in backends
-            ],
-            "limits": limits,
-        }
-    )
-    app = create_app(config, factory=lambda m: backends[m.name])
-    return TestClient(app, raise_server_exceptions=False)
+from tests.gateway.scripted import ScriptedBackend, scripted_app, sdk_for, wait_ready
 
 
 @pytest.fixture
@@ -36,26 +20,16 @@ def backend() -> ScriptedBackend:
 
 @pytest.fixture
 def http(backend: ScriptedBackend):
-    with _client(
+    with scripted_app(
         {"tiny": backend}, max_body_bytes=4096, max_tokens=100, default_max_tokens=50
     ) as client:
-        _wait_ready(client)
+        wait_ready(client)
         yield client
 
 
 @pytest.fixture
 def sdk(http: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0
-    )
-
-
-def _wait_ready(client: TestClient) -> None:
-    for _ in range(100):
-        if client.get("/ready").status_code == 200:
-            return
-        time.sleep(0.01)
-    raise AssertionError("gateway never became ready")
+    return sdk_for(http)
 
 
 def _chat(**kw) -> dict:
@@ -159,16 +133,17 @@ def test_models_list(sdk: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        (_chat(n=2), "n"),
+        (_chat(n=129), "n"),
+        (_chat(n=65), "n"),
         (_chat(temperature=3), "temperature"),
         (_chat(top_p=0), "top_p"),
         (_chat(max_tokens=0), "max_tokens"),
         (_chat(max_tokens=101), "max_tokens"),
         (_chat(max_completion_tokens=500), "max_completion_tokens"),
         (_chat(messages=[]), "messages"),
-        (_chat(messages=[{"role": "wizard", "content": "x"}]), "messages.0.role"),
+        (_chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
         (_chat(stop=""), "stop"),
-        (_chat(logprobs=True), "logprobs"),
+        (_chat(top_logprobs=2), "top_logprobs"),
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ],
 )
@@ -305,7 +280,7 @@ def test_not_ready_is_503() -> None:
 
             await asyncio.sleep(60)
 
-    with _client({"tiny": Slow("tiny")}) as client:
+    with scripted_app({"tiny": Slow("tiny")}) as client:
         assert client.get("/health").status_code == 200
         r = client.get("/ready")
         assert r.status_code == 503 and r.headers["retry-after"] == "5"

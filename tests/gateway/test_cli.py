@@ -1,105 +1,86 @@
-"""`distillgate serve` on bad input: one clear message, a non-zero exit, no traceback."""
+"""The `distillgate` entry point: every package's commands under one root, every option
+with help; `serve` on bad input: one clear message, a non-zero exit, no traceback."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import argparse
 from pathlib import Path
 
 import pytest
 
-from tests.servers import cli
+from gateway.cli import parser
+from tests.servers import cli, cli_process
 
-REPO = Path(__file__).resolve().parents[2]
+
+def _walk(node: argparse.ArgumentParser, path: str):
+    """(where, action) for every action of every parser in the tree."""
+    for action in node._actions:
+        yield path, action
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:  # the sub-commands as --help lists them
+                yield f"{path} {choice.dest}", choice
+            for name, child in action.choices.items():
+                yield from _walk(child, f"{path} {name}")
 
 
-def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+def test_every_command_option_and_positional_has_help() -> None:
+    actions = list(_walk(parser(), "distillgate"))
+    missing = [f"{where}: {a.option_strings or a.dest}" for where, a in actions if not a.help]
+    assert not missing
+    commands = {where for where, _ in actions}
+    for expected in ("serve", "distill", "students list", "sweep", "law show", "tasks export"):
+        assert f"distillgate {expected}" in commands
+
+
+def _commands(node: argparse.ArgumentParser, path: str = "distillgate"):
+    """(path, parser) of every command that runs something: the tree's leaves."""
+    groups = [a for a in node._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        yield path, node
+    for group in groups:
+        for name, child in group.choices.items():
+            yield from _commands(child, f"{path} {name}")
+
+
+def test_every_reporting_command_has_json() -> None:
+    commands = dict(_commands(parser()))
+    assert len(commands) >= 16
+    without = [path for path, cmd in commands.items() if "--json" not in cmd._option_string_actions]
+    assert without == ["distillgate serve"]  # serve answers over HTTP, not on stdout
 
 
 def test_bad_config_is_reported_whole_and_server_does_not_start(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  - {name: a, backend: openai}\nlimits: {queue_size: 0}\n")
-    out = _serve("--config", str(bad))
+    out = cli("serve", "--config", str(bad))
     assert out.returncode == 2
     assert "models[0].url: Field required" in out.stderr
     assert "limits.queue_size" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    out = _serve("--config", str(tmp_path / "none.yaml"))
+    out = cli("serve", "--config", str(tmp_path / "none.yaml"))
     assert out.returncode == 2 and "cannot read" in out.stderr
     assert out.stderr.startswith("distillgate: error:")
 
 
-def test_model_that_cannot_load_exits_non_zero(tmp_path: Path) -> None:
-    config = tmp_path / "c.yaml"
-    config.write_text(f"models:\n  - {{name: m, backend: local, path: {tmp_path / 'nowhere'}}}\n")
-    out = _serve("--config", str(config), "--port", "0")
-    assert out.returncode == 1
-    assert "model 'm'" in out.stderr and "nowhere" in out.stderr
-    assert "Traceback" not in out.stderr
-
-
-def test_bad_port_from_environment(tmp_path: Path) -> None:
-    import os
-
-    out = _serve(env={**os.environ, "DISTILLGATE_PORT": "seventy"})
+def test_bad_port_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILLGATE_PORT", "seventy")
+    out = cli("serve")
     assert out.returncode == 2 and "port" in out.stderr and "Traceback" not in out.stderr
 
 
-_cli = cli
+def test_usage_errors_are_one_line() -> None:
+    out = cli("serve", "--port", "eighty")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("distillgate serve: error: argument --port")
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["distill", "--task", "finance-headlines", "--ratio", "0"], "ratio must be in (0, 1]"),
-        (["distill", "--task", "finance-headlines", "--ratio", "1.2"], "ratio must be in (0, 1]"),
-        (["distill", "--task", "no-such-task", "--ratio", "0.5"], "unknown task 'no-such-task'"),
-        (["distill", "--task", "support-tickets", "--ratio", "0.5", "--examples", "2"],
-         "examples must be at least 16"),
-        (["distill", "--task", "finance-headlines", "--ratio", "half"], "invalid float value"),
-        (["distill", "--task", "finance-headlines", "--ratio", "0.5", "--format", "x"],
-         "invalid choice: 'x'"),
-        (["teacher", "adapt", "--task", "general-knowledge"], "no training split"),
-        (["tasks", "show", "nope"], "unknown task 'nope'"),
-        (["tasks", "export", "finance-headlines", "-n", "0"], "-n must be at least 1"),
-        (["eval", "ghost"], "'ghost' is not in the store"),
-    ],
-)  # fmt: skip
-def test_factory_commands_reject_bad_arguments_in_one_line(
-    tmp_path: Path, args: list[str], message: str
-) -> None:
-    store = tmp_path / "store"
-    store_args = [] if args[0] == "tasks" else ["--store", str(store)]
-    out = _cli(*args, *store_args)
-    assert out.returncode == 2, out.stderr
-    assert message in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    assert out.stderr.startswith("distillgate") and out.stdout == ""
-    assert not store.exists() or not [p for p in store.iterdir() if not p.name.startswith(".")]
-
-
-def test_tasks_list_show_and_export_round_trip(tmp_path: Path) -> None:
-    import json
-
-    listed = json.loads(_cli("tasks", "list", "--json").stdout)
-    assert [t["name"] for t in listed] == [
-        "finance-headlines",
-        "general-knowledge",
-        "support-tickets",
-    ]
-    shown = json.loads(_cli("tasks", "show", "finance-headlines", "--json").stdout)
-    assert len(shown["labels"]) >= 13 and len(shown["examples"]["test"]) == 3
-    out = tmp_path / "fin.jsonl"
-    wrote = _cli("tasks", "export", "finance-headlines", "-n", "20", "-o", str(out), "--json")
-    assert json.loads(wrote.stdout) == {"written": 20, "path": str(out)}
-    again = json.loads(_cli("tasks", "show", str(out), "--json", "--examples", "1").stdout)
-    assert again["sizes"]["test"] == 20 and set(again["labels"]) <= set(shown["labels"])
+def test_serve_a_model_that_cannot_load_exits_non_zero(tmp_path: Path) -> None:
+    """The serve family's smoke test: a real `distillgate serve` process."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"models:\n  - {{name: m, backend: local, path: {tmp_path / 'nowhere'}}}\n")
+    out = cli_process("serve", "--config", str(config), "--port", "0", timeout=60)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]  # after the log, one line says what failed
+    assert last.startswith("distillgate: error:") and "model 'm'" in last and "nowhere" in last

@@ -1,5 +1,5 @@
 """The YAML config: every file under deploy/ loads (sweep grids are tested with the sweep);
-a bad file is reported whole."""
+the default config and policy are package data; a bad file is reported whole."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from distillgate_deploy import shipped
 from gateway.config import ConfigError, load_config, parse_config
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DEPLOY = shipped("")  # deploy/, as the installed package `distillgate_deploy`
 
 
 CONFIGS = sorted(
@@ -28,6 +29,20 @@ def test_default_config_is_the_embedded_teacher() -> None:
     assert [(m.name, m.backend, m.role) for m in config.models] == [
         ("smollm2-135m-instruct", "local", "teacher")
     ]
+    assert config.routing.policy == shipped("policy.yaml") and config.routing.policy.is_file()
+    assert config.routing.law is None  # routing uses no law unless a config names one
+
+
+def test_relative_routing_paths_resolve_beside_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "conf" / "gateway.yaml"
+    path.parent.mkdir()
+    path.write_text(
+        "models: [{name: m, backend: openai, url: 'http://x'}]\n"
+        "routing: {policy: policy.yaml, law: ../results/law.json}\n"
+    )
+    routing = load_config(path).routing
+    assert routing.policy == path.parent / "policy.yaml"
+    assert routing.law == path.parent / "../results/law.json"
 
 
 def test_every_problem_is_reported_with_its_path() -> None:

@@ -30,7 +30,7 @@ def test_distil_evaluate_and_serve_a_student(teacher_dir: Path, tmp_path: Path) 
     made = _cli(
         "distill", "--task", "finance-headlines", "--ratio", "0.5", "--examples", "16",
         "--epochs", "1", "--name", "fin-student", "--store", str(store.root), "--json",
-        "--no-progress",
+        "--no-progress", "--force",  # the unadapted teacher is below the accuracy check
     )  # fmt: skip
     assert made.returncode == 0, made.stderr[-3000:]
     manifest = json.loads(made.stdout)
@@ -48,7 +48,7 @@ def test_distil_evaluate_and_serve_a_student(teacher_dir: Path, tmp_path: Path) 
     assert 0 <= domain["agreement"]["value"] <= 1
     assert evaluation["heldout"]["finance-headlines"]["kl"] > 0
     assert evaluation["general_knowledge"]["n"] >= 200
-    assert store.manifest(TEACHER_NAME).evaluation["general_knowledge"]["accuracy"]["value"] > 0.3
+    assert store.manifest(TEACHER_NAME).evaluation.general_knowledge.accuracy.value > 0.3
 
     config = {
         "models": [

@@ -27,7 +27,7 @@ TASK = "finance-headlines"
 
 
 def _acc(value: float) -> dict:
-    return {"accuracy": {"value": value, "low": value - 0.01, "high": value + 0.01}}
+    return {"n": 300, "accuracy": {"value": value, "low": value - 0.01, "high": value + 0.01}}
 
 
 # in-domain accuracy: teacher 0.80; "big" keeps ~0.96 of it, "small" ~0.86

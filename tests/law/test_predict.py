@@ -15,6 +15,7 @@ from law.data import load_results
 from law.findings import comparisons, retention_by_ratio
 from law.fit import FitError
 from law.predict import fit_law, load_law, predict, save_law
+from law.schema import Law, LawFileError
 from tests.servers import cli
 
 
@@ -56,10 +57,11 @@ def law_file(results_file: Path) -> Path:
 
 def test_law_round_trips_and_predicts_with_intervals(law_file: Path) -> None:
     law = load_law(law_file)
-    assert json.loads(law_file.read_text()) == law
-    assert law["targets"]["in_domain"]["selected"] in ("power", "logistic")
-    assert law["data"]["rows"] == 32 and len(law["data"]["sha256"]) == 64
+    assert law.to_json() == law_file.read_text()  # loaded unchanged
+    assert law.targets["in_domain"].selected in ("power", "logistic")
+    assert law.data.rows == 32 and len(law.data.sha256) == 64
     near = predict(law, ratio=0.6, examples=1000)
+    assert predict(json.loads(law_file.read_text()), ratio=0.6, examples=1000) == near
     far = predict(law, ratio=0.25, examples=250)
     for p in (near["in_domain"], far["in_domain"], near["general"]):
         assert 0 <= p["low"] <= p["value"] <= p["high"] <= 1
@@ -82,6 +84,50 @@ def test_bad_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(FitError, match="not a law file"):
         (tmp_path / "law.json").write_text("{}")
         load_law(tmp_path / "law.json")
+
+
+SHIPPED = Path("docs/results/law.json")
+
+
+def test_the_shipped_law_loads_typed() -> None:
+    law = load_law(SHIPPED)
+    assert isinstance(law, Law) and law.version == 1 and law.task == "finance-headlines"
+    assert {t: f.selected for t, f in law.targets.items()} == {
+        "in_domain": "logistic", "general": "logistic", "loss": "busbridge"}  # fmt: skip
+    logistic = law.targets["in_domain"].forms["logistic"]
+    assert list(logistic.parameters)[:4] == ["u", "w0", "w_r", "w_D"]  # the form's order
+    assert len(logistic.samples) == 200 and len(logistic.samples[0]) == len(logistic.parameters)
+    assert json.loads(law.to_json()) == json.loads(SHIPPED.read_text())
+
+
+def _edited(tmp_path: Path, edit) -> Path:
+    raw = json.loads(SHIPPED.read_text())
+    edit(raw)
+    path = tmp_path / "law.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda law: law["targets"]["in_domain"]["forms"]["power"].update(residual_sd="wide"),
+         "targets.in_domain.forms.power.residual_sd: Input should be a valid number (got 'wide')"),
+        (lambda law: law["targets"]["general"]["forms"]["logistic"]["errors"].pop("aic"),
+         "targets.general.forms.logistic.errors.aic: Field required"),
+        (lambda law: law["targets"]["loss"].update(selected=3),
+         "targets.loss.selected: Input should be a valid string (got 3)"),
+        (lambda law: law.update(colour="red"), "colour: Extra inputs are not permitted"),
+        (lambda law: law.update(version=2), "not a law file of version 1 (version 2)"),
+    ],
+    ids=["string-for-float", "missing-key", "int-for-string", "unknown-key", "version"],
+)  # fmt: skip
+def test_a_malformed_law_names_its_path_and_field(tmp_path: Path, edit, problem: str) -> None:
+    path = _edited(tmp_path, edit)
+    with pytest.raises(LawFileError) as caught:
+        load_law(path)
+    assert str(path) in str(caught.value) and problem in str(caught.value)
+    assert isinstance(caught.value, FitError)  # what the CLI and the router catch
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -4,7 +4,7 @@
         --gpu-memory-utilization X --max-model-len L [--standin-* test switches]
 
 It checks its arguments the way the backend must pass them, then serves the OpenAI
-protocol and /health with the instant server of bench/overhead. Test switches: start
+protocol and /health with the instant server (gateway/instant.py). Test switches: start
 late (--standin-delay S), exit at once (--standin-exit CODE), never become healthy
 (--standin-never-healthy), and spawn a worker process that must die with it
 (--standin-worker-pid-file PATH), like vLLM's engine processes.
@@ -17,8 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -55,8 +53,7 @@ def main(argv: list[str]) -> int:
     if args.standin_never_healthy:
         while True:
             time.sleep(1)
-    sys.path.insert(0, str(REPO / "bench" / "overhead"))
-    from instant_server import serve
+    from gateway.instant import serve
 
     serve(args.host, args.port, args.served_model_name, args.max_model_len)
     return 0

@@ -101,16 +101,14 @@ def test_evaluation_is_recorded_in_the_manifest(store) -> None:
     made = make_student(store, _spec(), progress=False)
     manifest = evaluate_entry(store, made.name, test_examples=8, heldout_examples=8)
     ev = manifest.evaluation
-    domain = ev["in_domain"]["finance-headlines"]
-    assert domain["n"] == 8 and domain["accuracy"]["low"] <= domain["accuracy"]["value"]
-    assert 0 <= domain["agreement"]["value"] <= 1 and domain["chance"] == pytest.approx(
-        1 / 13, rel=0.3
-    )
-    assert ev["heldout"]["finance-headlines"]["kl"] >= 0
-    assert ev["heldout"]["finance-headlines"]["tokens"] > 0
-    assert ev["general_knowledge"]["n"] >= 200 and "retention" in ev["general_knowledge"]
-    assert ev["non_embedding_parameters"] > 0 and ev["reference"] == TEACHER
-    assert ev["latency"]["ttft_ms"] > 0 and ev["latency"]["ms_per_token_b8"] > 0
+    domain = ev.in_domain["finance-headlines"]
+    assert domain.n == 8 and domain.accuracy.low <= domain.accuracy.value
+    assert 0 <= domain.agreement.value <= 1 and domain.chance == pytest.approx(1 / 13, rel=0.3)
+    assert ev.heldout["finance-headlines"].kl >= 0
+    assert ev.heldout["finance-headlines"].tokens > 0
+    assert ev.general_knowledge.n >= 200 and ev.general_knowledge.retention is not None
+    assert ev.non_embedding_parameters > 0 and ev.reference == TEACHER
+    assert ev.latency.ttft_ms > 0 and ev.latency.ms_per_token_b8 > 0
     assert store.manifest(made.name).evaluation == ev  # written, not just returned
     # the parent's own general-knowledge score was measured once and kept
-    assert "general_knowledge" in store.manifest(TEACHER).evaluation
+    assert store.manifest(TEACHER).evaluation.general_knowledge is not None

@@ -1,7 +1,7 @@
 """OpenAIHTTPBackend against real OpenAI-compatible servers on loopback (no mocks).
 
-`server` is the server under test, a parameter: the instant server of bench/overhead
-(always), and a second distillgate gateway serving a tiny local model (`gateway`, runs
+`server` is the server under test, a parameter: the instant server (gateway/instant.py,
+always), and a second distillgate gateway serving a tiny local model (`gateway`, runs
 once `gateway/cli.py` exists). Tests that steer the remote into errors, slow streams or
 dropped connections need the instant server's `#instant` directives and its /stats, so
 they use the `instant` fixture directly.
@@ -30,13 +30,14 @@ from models.backends.base import (
     GenerationRequest,
     Overloaded,
     SamplingParams,
+    TokenLogprob,
     Unavailable,
     UpstreamError,
 )
-from models.backends.openai_http import OpenAIHTTPBackend
+from models.backends.openai_http import OpenAIHTTPBackend, parse_logprobs
 
 REPO = Path(__file__).resolve().parents[2]
-INSTANT_SERVER = REPO / "bench" / "overhead" / "instant_server.py"
+INSTANT_SERVER = "gateway.instant"  # the instant server, run with `python -m`
 INSTANT_TEXT = "Hello! This is the instant server answering right away."
 
 
@@ -88,7 +89,7 @@ def _answers_200(url: str) -> bool:
 def instant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, str(INSTANT_SERVER), "--port", str(port), "--model", "instant"]
+    argv = [sys.executable, "-m", INSTANT_SERVER, "--port", str(port), "--model", "instant"]
     with serving(argv, url, tmp_path_factory.mktemp("instant") / "server.log"):
         yield Target(url, "instant")
 
@@ -252,6 +253,77 @@ async def test_exact_text_finish_reason_and_usage(steerable) -> None:
         " away.",
     ]
     assert chunks[-1] == GenerationChunk("", "stop", 2, 9)
+
+
+NEW_FIELDS = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")
+
+
+async def test_new_sampling_fields_are_sent_only_when_set(steerable, instant: Target) -> None:
+    await collect(steerable, chat(stream=False))
+    sent = stats(instant)["last_request"]
+    assert not set(NEW_FIELDS) & set(sent)  # neutral values: servers that lack them work
+    params = {
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.25,
+        "logit_bias": ((42, -100.0), (7, 5.5)),
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    await collect(steerable, chat(stream=True, **params))  # fmt: skip
+    sent = stats(instant)["last_request"]
+    assert (sent["presence_penalty"], sent["frequency_penalty"]) == (0.5, -0.25)
+    assert sent["logit_bias"] == {"42": -100.0, "7": 5.5}  # OpenAI's keys are strings
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 2)
+    await collect(steerable, chat(stream=False, logprobs=True))
+    assert "top_logprobs" not in stats(instant)["last_request"]
+    # legacy completions: `logprobs` is the number of alternatives, 0 for none
+    await collect(steerable, completion(stream=False, logprobs=True))
+    sent = stats(instant)["last_request"]
+    assert sent["logprobs"] == 0 and "top_logprobs" not in sent
+    await collect(steerable, completion(stream=False, logprobs=True, top_logprobs=3))
+    assert stats(instant)["last_request"]["logprobs"] == 3
+
+
+# The instant server's made-up log-probabilities: a word's is -len/10, its k-th alternative
+# `alt<k>` k lower, the first alternative the word itself.
+WORDS = ("Hello!", " This", " is")
+
+
+def expected(word: str, top: int) -> TokenLogprob:
+    lp = -len(word.strip()) / 10
+    return TokenLogprob(word, lp, tuple([(word, lp), *((f"alt{k}", lp - k) for k in
+                                                          range(1, top))][:top]))  # fmt: skip
+
+
+@pytest.mark.parametrize("make", [chat, completion], ids=["chat", "completion"])
+async def test_logprobs_come_back_whole_and_streamed(steerable, make) -> None:
+    [whole] = await collect(steerable, make(stream=False, max_tokens=3, logprobs=True,
+                                            top_logprobs=2))  # fmt: skip
+    assert whole.text == "Hello! This is"
+    assert whole.logprobs == tuple(expected(w, 2) for w in WORDS)
+    *deltas, last = await collect(steerable, make(max_tokens=3, logprobs=True, top_logprobs=2))
+    assert [c.logprobs for c in deltas] == [(expected(w, 2),) for w in WORDS]
+    assert [c.text for c in deltas] == list(WORDS) and last.logprobs == ()
+    bare = await collect(steerable, make(max_tokens=3, logprobs=True))  # no alternatives
+    assert bare[0].logprobs == (TokenLogprob("Hello!", -0.6),)
+    unasked = await collect(steerable, make(max_tokens=3)) + await collect(
+        steerable, make(stream=False, max_tokens=3)
+    )
+    assert all(c.logprobs is None for c in unasked)
+
+
+def test_malformed_remote_logprobs_are_a_502() -> None:
+    good = {"logprobs": {"content": [{"token": "a", "logprob": None, "top_logprobs": []}]}}
+    assert parse_logprobs(good, chat=True, backend="r") == [TokenLogprob("a", -9999.0)]
+    for choice, chat_shape in (
+        ({"logprobs": {"content": [{"token": "a", "logprob": "high"}]}}, True),
+        ({"logprobs": {"content": [{"logprob": -1.0}]}}, True),
+        ({"logprobs": {"tokens": ["a", "b"], "token_logprobs": [-1.0]}}, False),
+        ({"logprobs": ["a"]}, False),
+    ):
+        with pytest.raises(UpstreamError, match="'r' answered with malformed logprobs") as caught:
+            parse_logprobs(choice, chat=chat_shape, backend="r")
+        assert caught.value.status == 502
 
 
 async def test_context_length_comes_from_the_remote_model_list(steerable) -> None:

@@ -1,5 +1,6 @@
-"""The model store: the embedded teacher converted once into a plain HF directory, and
-writes that are atomic (a crash leaves no half model and no debris)."""
+"""The model store: the embedded teacher converted once into a plain HF directory, writes
+that are atomic (a crash leaves no half model and no debris), and typed manifests (today's
+files load; a malformed one is refused naming its path and field)."""
 
 from __future__ import annotations
 
@@ -121,8 +122,10 @@ def test_register_list_show_update(tmp_path: Path, tiny_model_dir: Path) -> None
         "logits",
         "depth",
     )
-    store.update("s1", evaluation={"accuracy": 0.9})
-    assert store.manifest("s1").evaluation == {"accuracy": 0.9}
+    latency = {"ttft_ms": 12.5, "ms_per_token_b1": 30.0, "ms_per_token_b8": 9.0}
+    store.update("s1", evaluation={"latency": latency, "extra": {"note": "by hand"}})
+    evaluation = store.manifest("s1").evaluation
+    assert evaluation.latency.ttft_ms == 12.5 and evaluation.extra == {"note": "by hand"}
     with pytest.raises(StoreError, match="already registered"):
         store.register(_student("s1"), _writer(tiny_model_dir))
 
@@ -184,3 +187,106 @@ def test_students_cli(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "not in the store" in missing.stderr
     assert cli("remove", "s2").returncode == 0 and store.entries() == []
+
+
+# -- typed manifests -----------------------------------------------------------------------
+
+# A student's manifest as `distillgate eval` writes it today (models/evaluate.py), with the
+# factory's `training` record beside the evaluation.
+TODAYS_MANIFEST = {
+    "name": "finance-headlines-depth0.5-logits-full-one-shot-d1000-s0",
+    "role": "student", "created": 1796109290, "source": None, "parent": TEACHER_NAME,
+    "task": "finance-headlines", "compression_ratio": 0.5123,
+    "pruning": {"method": "depth", "schedule": "one-shot", "target_ratio": 0.5, "steps": []},
+    "examples": 1000, "supervision": "logits", "method": "full", "seed": 0,
+    "training": {"epochs": 1.0, "phases": [{"target_tokens": 5120}]},
+    "evaluation": {
+        "in_domain": {"finance-headlines": {
+            "n": 300, "accuracy": {"value": 0.62, "low": 0.56, "high": 0.67},
+            "chance": 0.07692307692307693,
+            "agreement": {"value": 0.8, "low": 0.75, "high": 0.84},
+            "reference_accuracy": 0.69, "retention": 0.9,
+        }},
+        "heldout": {"finance-headlines": {"kl": 0.41, "cross_entropy": 0.9, "tokens": 1800}},
+        "general_knowledge": {
+            "n": 247, "accuracy": {"value": 0.3, "low": 0.24, "high": 0.36}, "chance": 0.25,
+            "retention": 0.12,
+        },
+        "non_embedding_parameters": 53084736,
+        "latency": {"ttft_ms": 40.1, "ms_per_token_b1": 41.0, "ms_per_token_b8": 12.2},
+        "reference": TEACHER_NAME,
+        "evaluated": 1796109999,
+    },
+}  # fmt: skip
+
+
+def _on_disk(root: Path, manifest: dict) -> ModelStore:
+    """A store holding one model whose manifest is `manifest`, written as a file."""
+    model = root / manifest["name"]
+    model.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        (model / name).write_text("x")
+    (model / "distillgate.json").write_text(json.dumps(manifest, indent=2))
+    return ModelStore(root)
+
+
+def test_todays_manifests_load_typed(tmp_path: Path) -> None:
+    store = _on_disk(tmp_path, TODAYS_MANIFEST)
+    manifest = store.manifest(TODAYS_MANIFEST["name"])
+    ev = manifest.evaluation
+    domain = ev.in_domain["finance-headlines"]
+    assert (domain.n, domain.accuracy.low, domain.agreement.value) == (300, 0.56, 0.8)
+    assert ev.heldout["finance-headlines"].tokens == 1800 and ev.general_knowledge.n == 247
+    assert ev.latency.ms_per_token_b8 == 12.2 and ev.non_embedding_parameters == 53084736
+    assert manifest.training["phases"][0]["target_tokens"] == 5120  # top-level extras kept
+    # rewritten through the store, it reads back the same
+    store.update(manifest.name, seed=1)
+    again = store.manifest(manifest.name)
+    assert again.evaluation == ev and again.seed == 1 and again.training == manifest.training
+    teacher = _on_disk(tmp_path / "t", {"name": "t", "role": "teacher", "evaluation": {
+        "general_knowledge": TODAYS_MANIFEST["evaluation"]["general_knowledge"]}})  # fmt: skip
+    assert teacher.manifest("t").evaluation.in_domain == {}  # every part is optional
+
+
+def _broken(**evaluation) -> dict:
+    return {**TODAYS_MANIFEST, "evaluation": {**TODAYS_MANIFEST["evaluation"], **evaluation}}
+
+
+@pytest.mark.parametrize(
+    ("manifest", "field", "found"),
+    [
+        (_broken(non_embedding_parameters="53M"), "evaluation.non_embedding_parameters", "'53M'"),
+        (_broken(general_knowledge={"n": 247, "accuracy": {"value": 0.3, "low": 0.2}}),
+         "evaluation.general_knowledge.accuracy.high: Field required", ""),
+        (_broken(latency={"ttft_ms": "fast", "ms_per_token_b1": 1.0, "ms_per_token_b8": 1.0}),
+         "evaluation.latency.ttft_ms: Input should be a valid number", "'fast'"),
+        (_broken(in_domain={"finance-headlines": {"n": 3, "accuracy": 0.6}}),
+         "evaluation.in_domain.finance-headlines.accuracy", "0.6"),
+        (_broken(colour="red"), "evaluation.colour: Extra inputs are not permitted", "'red'"),
+        ({**TODAYS_MANIFEST, "evaluation": None}, "evaluation", "None"),
+    ],
+    ids=["string-for-int", "missing-key", "string-for-float", "number-for-interval",
+         "unknown-key", "null"],
+)  # fmt: skip
+def test_a_malformed_manifest_names_its_path_and_field(
+    tmp_path: Path, manifest: dict, field: str, found: str
+) -> None:
+    store = _on_disk(tmp_path, manifest)
+    with pytest.raises(StoreError) as caught:
+        store.manifest(manifest["name"])
+    message = str(caught.value)
+    assert str(tmp_path / manifest["name"] / "distillgate.json") in message
+    assert field in message and found in message and "\n" not in message
+    with pytest.raises(StoreError, match="is not a valid manifest"):
+        store.entries()
+
+
+def test_an_invalid_update_is_refused_and_leaves_the_file(tmp_path: Path) -> None:
+    store = _on_disk(tmp_path, TODAYS_MANIFEST)
+    name = TODAYS_MANIFEST["name"]
+    before = (tmp_path / name / "distillgate.json").read_bytes()
+    with pytest.raises(StoreError, match=r"evaluation\.in_domain\.finance-headlines\.n"):
+        store.update(name, evaluation={"in_domain": {"finance-headlines": {"accuracy": {
+            "value": 1.0, "low": 1.0, "high": 1.0}}}})  # fmt: skip
+    assert (tmp_path / name / "distillgate.json").read_bytes() == before
+    assert [p.name for p in (tmp_path / name).iterdir() if p.name.startswith(".")] == []

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from distillgate_deploy import shipped
 from models.store import Manifest, ModelStore
 from models.sweep import SweepError, done, load_grid, run_sweep, specs
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "sweeps"
 
-
-@pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(shipped("sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_grids_load(path: Path) -> None:
     grid = load_grid(path)
     students = list(specs(grid))

@@ -99,24 +99,24 @@ def test_quality_combines_law_and_measurement(tmp_path: Path) -> None:
     measured = {"value": 0.70, "low": 0.65, "high": 0.75}
     only_law = predict_quality(_student(), "finance-headlines", law)
     assert only_law.source == "law" and only_law.low < only_law.value
-    only_measured = predict_quality(_student(in_domain={"finance-headlines": {"accuracy":
-                                    measured}}), "finance-headlines", None)  # fmt: skip
+    only_measured = predict_quality(_student(in_domain={"finance-headlines": {"n": 300,
+                                    "accuracy": measured}}), "finance-headlines", None)  # fmt: skip
     assert only_measured.source == "measured" and abs(only_measured.value - 0.70) < 1e-9
     assert abs(only_measured.low - 0.65) < 1e-3  # the measured interval's lower end
-    both = predict_quality(_student(in_domain={"finance-headlines": {"accuracy": measured}}),
-                           "finance-headlines", law)  # fmt: skip
+    both = predict_quality(_student(in_domain={"finance-headlines": {"n": 300,
+                           "accuracy": measured}}), "finance-headlines", law)  # fmt: skip
     assert both.source == "law+measured"
     assert min(only_law.value, 0.7) <= both.value <= max(only_law.value, 0.7)
     assert both.low > min(only_law.low, only_measured.low)  # two sources: a tighter interval
-    general = predict_quality(_student(general_knowledge={"accuracy": {"value": 0.3, "low": 0.25,
-                              "high": 0.35}}), GENERAL, None)  # fmt: skip
+    general = predict_quality(_student(general_knowledge={"n": 200, "accuracy": {"value": 0.3,
+                              "low": 0.25, "high": 0.35}}), GENERAL, None)  # fmt: skip
     assert general.value == 0.3
     other_teacher = _student().model_copy(update={"parent": "someone-else"})
     assert predict_quality(other_teacher, "finance-headlines", law).source == "unknown"
 
 
 def test_relative_quality_uses_the_best_teacher() -> None:
-    acc = lambda v: {"accuracy": {"value": v, "low": v - 0.05, "high": v + 0.05}}  # noqa: E731
+    acc = lambda v: {"n": 300, "accuracy": {"value": v, "low": v - 0.05, "high": v + 0.05}}  # noqa: E731
     teacher = Manifest(name="T", role="teacher", evaluation={"in_domain": {"finance-headlines":
                        acc(0.8)}, "general_knowledge": acc(0.6)})  # fmt: skip
     student = _student(in_domain={"finance-headlines": acc(0.76)}, general_knowledge=acc(0.3))

@@ -1,9 +1,13 @@
 """The router without a server: which class a request gets (header, then `auto:<class>`,
 then API key, then default), a rejection's 503 naming the constraint, and what an answered
-request teaches it (latency estimates, SLO attainment, cost saved)."""
+request teaches it (latency estimates, SLO attainment, cost saved), and a manifest that goes
+bad under a running router (the last good state kept, one log line, counted, recovered)."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
 from pathlib import Path
 
@@ -119,3 +123,89 @@ def test_the_class_sets_how_conservative_quality_is(router: Router) -> None:
     router.models = _Models(models.manifests, models.stamps, table, models.detector, 1.0)
     assert _route(router).model == "teacher"  # the default class: the 95% lower end
     assert _route(router, "auto:trusting").model == "big"
+
+
+# -- manifests that go bad while the gateway runs -----------------------------------------
+
+
+def _manifest(path: Path, general: object, tick: int, **fields) -> None:
+    """Write a student's manifest as the registry does, with a new mtime (`tick`) that a
+    coarse clock cannot merge with the previous write."""
+    accuracy = {"value": general, "low": 0.6, "high": 0.8}
+    evaluation = {"general_knowledge": {"n": 200, "accuracy": accuracy, "chance": 0.25}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": path.parent.name, "role": "student",
+                                "evaluation": evaluation, **fields}))  # fmt: skip
+    os.utime(path, ns=(1, tick * 10**18))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Router:
+    """A router over two local models of a store (none loaded: routing reads manifests)."""
+    store = ModelStore(tmp_path / "store")
+    config = parse_config({"models": [{"name": "teacher", "backend": "local", "role": "teacher"},
+                                      {"name": "student", "backend": "local"}]})  # fmt: skip
+    _manifest(store.path_for("student") / "distillgate.json", 0.7, tick=1)
+    backends = {"teacher": Idle("teacher", 100), "student": Idle("student", 20)}
+    return Router.build(config, store, backends, Metrics(lambda: {}))
+
+
+def _general(router: Router, model: str) -> float:
+    return router.models.table.point(model, GENERAL).value
+
+
+def _errors(router: Router) -> float | None:
+    return router.metrics.registry.get_sample_value(
+        "distillgate_registry_errors_total", {"model": "student"}
+    )
+
+
+def test_a_malformed_manifest_keeps_the_last_good_state_until_fixed(
+    served: Router, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = served.store.path_for("student") / "distillgate.json"
+    assert _general(served, "student") == pytest.approx(0.7)
+    assert _errors(served) == 0.0
+    _manifest(path, "n/a", tick=2)  # a string where a number belongs
+    with caplog.at_level(logging.INFO, logger="distillgate"):
+        for _ in range(3):  # the gateway refreshes every second
+            served.refresh()
+        # another model's manifest changes: every manifest is reread, the bad one still bad
+        _manifest(served.store.path_for("teacher") / "distillgate.json", 0.75, tick=3,
+                  role="teacher")  # fmt: skip
+        served.refresh()
+    assert _general(served, "teacher") == pytest.approx(0.75)  # reloaded
+    assert _general(served, "student") == pytest.approx(0.7)  # the last good one
+    assert served.route("hello", "auto", {}, None, 10).model in ("teacher", "student")
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and _errors(served) == 1.0
+    assert str(path) in errors[0] and "evaluation.general_knowledge.accuracy.value" in errors[0]
+    assert "'n/a'" in errors[0]
+    _manifest(path, 0.5, tick=4, evaluation=None)  # another bad version: `evaluation: null`
+    served.refresh()
+    assert _errors(served) == 2.0 and _general(served, "student") == pytest.approx(0.7)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="distillgate"):
+        _manifest(path, 0.8, tick=5)  # fixed
+        served.refresh()
+    assert _general(served, "student") == pytest.approx(0.8)
+    assert any("valid again" in r.getMessage() for r in caplog.records)
+    assert _errors(served) == 2.0
+
+
+def test_a_student_whose_task_cannot_load_is_a_bad_manifest(
+    served: Router, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Routing fits its domain detector on the students' tasks: a task no one can load is
+    that manifest's problem, not a reason to stop reloading every model."""
+    path = served.store.path_for("student") / "distillgate.json"
+    _manifest(path, 0.9, tick=2, task="no-such-task")
+    with caplog.at_level(logging.ERROR, logger="distillgate"):
+        served.refresh()
+        served.refresh()
+    [record] = caplog.records
+    assert "unknown task 'no-such-task'" in record.getMessage() and str(path) in record.getMessage()
+    assert _general(served, "student") == pytest.approx(0.7) and _errors(served) == 1.0
+    _manifest(path, 0.9, tick=3)
+    served.refresh()
+    assert _general(served, "student") == pytest.approx(0.9)

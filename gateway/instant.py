@@ -1,5 +1,7 @@
 """A minimal, fast OpenAI-compatible server that answers at once: the far end of the
-overhead benchmark and the real remote server the openai backend's tests talk to.
+gateway-overhead benchmark (bench/overhead), the remote server the openai backend's tests
+talk to, and what the stand-in `vllm` executable of the tests serves. Also handy for trying
+a deployment's `backend: openai` wiring without a model.
 
 A raw ASGI app (no framework) run by uvicorn, with uvloop and httptools when installed,
 so that it is never the bottleneck. It serves POST /v1/chat/completions and
@@ -14,7 +16,7 @@ A prompt (or last chat message) that starts with `#instant` steers the reply, fo
   #instant fail_after=2                     stream 2 chunks, then an SSE error event
   #instant drop_after=2                     stream 2 chunks, then drop the connection
 
-    python bench/overhead/instant_server.py --port 8001 [--model instant]
+    python -m gateway.instant --port 8001 [--model instant]
 """
 
 from __future__ import annotations
@@ -163,6 +165,10 @@ class _Answer:
             "total_tokens": len(prompt.split()) + len(self.words),
         }
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        # logprobs asked for: how many alternatives per token (None: not asked for)
+        asked = body.get("logprobs")
+        self.top = (body.get("top_logprobs") or 0) if chat and asked else asked
+        self.top = None if self.top is None or self.top is False else int(self.top)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
         self.created = int(time.time())
 
@@ -173,10 +179,13 @@ class _Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def _choice(self, text: str, finish: str | None, streaming: bool) -> dict:
+        pieces = self.pieces() if not streaming else [text] if text else []
+        logprobs = _logprobs(pieces, self.top, self.chat) if self.top is not None else None
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         key = "delta" if streaming else "message"
-        return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        return {"index": 0, key: message, "logprobs": logprobs, "finish_reason": finish}
 
     def whole(self) -> dict:
         choice = self._choice(" ".join(self.words), self.finish_reason, streaming=False)
@@ -193,6 +202,24 @@ class _Answer:
 
     def usage_chunk(self) -> dict:
         return {**self._head(True), "choices": [], "usage": self.usage}
+
+
+def _logprobs(pieces: list[str], top: int, chat: bool) -> dict | None:
+    """Made-up but fixed log-probabilities: a token's is -len/10, its k-th alternative
+    `alt<k>` k lower; in chat's shape (content[]) or the completions one (parallel lists)."""
+    if not pieces:
+        return None
+    lps = [-len(p.strip()) / 10 for p in pieces]
+    alts = [[(p, lp), *((f"alt{k}", lp - k) for k in range(1, top))][:top]
+            for p, lp in zip(pieces, lps, strict=True)]  # fmt: skip
+    if not chat:
+        return {"tokens": pieces, "token_logprobs": lps,
+                "top_logprobs": [dict(a) for a in alts],
+                "text_offset": [sum(map(len, pieces[:i])) for i in range(len(pieces))]}  # fmt: skip
+    return {"content": [
+        {"token": p, "logprob": lp, "bytes": list(p.encode()),
+         "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in a]}
+        for p, lp, a in zip(pieces, lps, alts, strict=True)]}  # fmt: skip
 
 
 async def _stream_events(answer: _Answer, steer: dict[str, str], send, disconnected) -> bool:

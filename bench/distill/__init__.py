@@ -1,0 +1,1 @@
+"""bench/distill: see docs/BENCHMARKS.md."""

@@ -1,0 +1,1 @@
+"""bench/local_backend: see docs/BENCHMARKS.md."""

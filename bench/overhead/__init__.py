@@ -1,0 +1,1 @@
+"""bench/overhead: see docs/BENCHMARKS.md."""

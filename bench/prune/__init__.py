@@ -1,0 +1,1 @@
+"""bench/prune: see docs/BENCHMARKS.md."""

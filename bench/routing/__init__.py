@@ -1,0 +1,1 @@
+"""bench/routing: see docs/BENCHMARKS.md."""
