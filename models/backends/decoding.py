@@ -1,20 +1,21 @@
-"""Per-sequence decoding helpers for in-process backends: sampling one token from logits,
-turning a growing token list into safe text deltas, and cutting text at stop strings.
+"""Per-sequence decoding helpers for in-process backends: choosing one token from logits
+(penalties, logit_bias, sampling, log-probabilities), turning a growing token list into
+safe text deltas, and cutting text at stop strings.
 
 Pure functions and small state holders with no threads and no model: the local backend's
 worker calls them once per sequence per step. Modelled on TGI's `decode_token` and vLLM's
-stop-string checker.
+stop-string checker and logits processors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from models.backends.base import FinishReason, SamplingParams
+from models.backends.base import FinishReason, InvalidParams, SamplingParams, TokenLogprob
 
 # Below this a temperature is treated as 0: dividing logits by it would overflow.
 _GREEDY_TEMPERATURE = 1e-5
@@ -62,6 +63,117 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         pick = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[pick])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """Raise InvalidParams (param `logit_bias`) for a token id outside the vocabulary."""
+    for token_id, _ in params.logit_bias:
+        if not 0 <= token_id < vocab_size:
+            raise InvalidParams(
+                f"logit_bias names token id {token_id}, outside this model's vocabulary "
+                f"(vocabulary size {vocab_size}: ids 0 to {vocab_size - 1})",
+                param="logit_bias",
+            )
+
+
+@dataclass
+class LogitsAdjuster:
+    """OpenAI's presence and frequency penalties over the tokens one sequence has generated
+    so far, and its logit_bias: mu[j] - c[j] * frequency - (c[j] > 0) * presence + bias[j]."""
+
+    presence: float
+    frequency: float
+    bias_ids: torch.Tensor | None
+    bias_values: torch.Tensor | None
+    counts: torch.Tensor | None  # (vocab,) float32 occurrences; None without penalties
+
+    @classmethod
+    def create(cls, params: SamplingParams, vocab_size: int) -> LogitsAdjuster | None:
+        """The adjuster `params` ask for, or None when they ask for nothing (the common
+        case, which then costs no tensor work at all)."""
+        penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        if not penalised and not params.logit_bias:
+            return None
+        ids = [token_id for token_id, _ in params.logit_bias]
+        values = [bias for _, bias in params.logit_bias]
+        return cls(
+            presence=params.presence_penalty,
+            frequency=params.frequency_penalty,
+            bias_ids=torch.tensor(ids, dtype=torch.long) if ids else None,
+            bias_values=torch.tensor(values, dtype=torch.float32) if ids else None,
+            counts=torch.zeros(vocab_size, dtype=torch.float32) if penalised else None,
+        )
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The adjusted copy of a row of float32 logits (the input is left as it is)."""
+        if self.counts is not None:
+            seen = (self.counts > 0).to(logits.dtype)
+            logits = logits - self.counts * self.frequency - seen * self.presence
+        if self.bias_ids is not None and self.bias_values is not None:
+            logits = logits.index_add(0, self.bias_ids, self.bias_values)
+        return logits
+
+    def observe(self, token_id: int) -> None:
+        """Count a token the sequence has just generated."""
+        if self.counts is not None:
+            self.counts[token_id] += 1.0
+
+
+def token_logprob(
+    logits: torch.Tensor,
+    token_id: int,
+    top: int,
+    texts: Callable[[list[int]], list[str]],
+) -> TokenLogprob:
+    """The chosen token's log-probability under the model's own distribution (the raw
+    logits, before penalties and temperature, as OpenAI reports it) and the `top` most
+    likely tokens at that position; `texts` turns token ids into their strings."""
+    logp = torch.log_softmax(logits, dim=-1)
+    alternatives: tuple[tuple[str, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, logp.shape[-1]))
+        ranked = ids.tolist()
+        alternatives = tuple(zip(texts(ranked), values.tolist(), strict=True))
+    return TokenLogprob(texts([token_id])[0], float(logp[token_id]), alternatives)
+
+
+def token_texts(tokenizer: Any) -> Callable[[list[int]], list[str]]:
+    """Each id's own text, special tokens included (an EOS entry reads as itself)."""
+
+    def texts(ids: list[int]) -> list[str]:
+        return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+    return texts
+
+
+@dataclass
+class TokenChooser:
+    """Chooses one sequence's next tokens: adjust the logits, sample, and record each
+    token's log-probabilities until the text they make is sent (`take_logprobs`)."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    adjuster: LogitsAdjuster | None = None
+    texts: Callable[[list[int]], list[str]] | None = None  # set when logprobs are asked for
+    pending: list[TokenLogprob] = field(default_factory=list)
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token id from this sequence's row of float32 CPU logits."""
+        adjusted = logits if self.adjuster is None else self.adjuster.apply(logits)
+        token_id = sample_token(adjusted, self.params, self.generator)
+        if self.adjuster is not None:
+            self.adjuster.observe(token_id)
+        if self.texts is not None:
+            top = self.params.top_logprobs
+            self.pending.append(token_logprob(logits, token_id, top, self.texts))
+        return token_id
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...] | None:
+        """The entries of the tokens chosen since the last call; None when not asked for."""
+        if self.texts is None:
+            return None
+        taken, self.pending = tuple(self.pending), []
+        return taken
 
 
 def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:

@@ -2,10 +2,12 @@
 
 One worker thread owns the model. Each iteration it admits waiting requests up to
 `max_batch_size`, prefills the newcomers, and runs one decode step for every running
-sequence at once over a shared left-padded KV cache (`batching.KVBatch`); sequences leave
-the batch as soon as they finish or their consumer goes away. Results cross back to the
-event loop with `call_soon_threadsafe` into one asyncio.Queue per request, so the loop
-never waits on torch.
+sequence at once over a shared left-padded KV cache (`kvcache.KVBatch`); sequences leave
+the batch as soon as they finish or their consumer goes away. An exception in a step
+fails only the requests of that step's batch and the worker goes on. Tokenisation runs
+on a one-thread executor and results cross back to the event loop with
+`call_soon_threadsafe` into one asyncio.Queue per request, so the loop never waits on
+torch or the tokenizer.
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from models.backends.base import (
+    BackendError,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -34,18 +39,39 @@ from models.backends.base import (
     Role,
     Unavailable,
 )
-from models.backends.batching import KVBatch
 from models.backends.decoding import (
     IncrementalDetokenizer,
+    LogitsAdjuster,
     TextState,
+    TokenChooser,
+    check_logit_bias,
     eos_token_ids,
     make_generator,
-    sample_token,
+    token_texts,
 )
+from models.backends.kvcache import KVBatch, check_model
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def set_threads(n: int | None) -> None:
+    """Set torch's intra-op threads for the whole process: `torch.set_num_threads` is
+    process-wide, so the gateway calls this once at start, before any local model's worker
+    thread exists. None means every core this process may run on. A later call with
+    another value applies it (the last call wins) and logs the change; worker threads
+    already running may keep the old count, so call it before starting models."""
+    if n is not None and n < 1:
+        raise ValueError(f"threads must be >= 1 or None (all cores), got {n}")
+    if n is None:  # the cores this process may run on (affinity is Linux-only)
+        affinity = getattr(os, "sched_getaffinity", None)
+        n = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    current = torch.get_num_threads()
+    if n != current:
+        log.info("torch intra-op threads: %d -> %d (process-wide)", current, n)
+        torch.set_num_threads(n)
 
 
 @dataclass(eq=False)
@@ -55,7 +81,7 @@ class _Sequence:
     request: GenerationRequest
     prompt_ids: list[int]
     text: TextState
-    generator: torch.Generator
+    chooser: TokenChooser
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[GenerationChunk | BaseException] = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the event loop, read by the worker
@@ -80,9 +106,10 @@ class _Loaded:
     """What `start` builds: the model, its tokenizers and the facts the card reports."""
 
     model: Any
-    tokenizer: Any  # encodes on the event loop
+    tokenizer: Any  # encodes, used only by the tokenising thread
     detokenizer: Any  # a second instance, used only by the worker thread
     eos_ids: frozenset[int]
+    vocab_size: int  # the width of the model's logits
     device: str
     context_length: int
     parameters: int
@@ -104,7 +131,6 @@ class LocalBackend:
         max_batch_size: int = 8,
         queue_size: int = 64,
         context_length: int | None = None,
-        threads: int | None = None,
         parent: str | None = None,
     ) -> None:
         if dtype not in _DTYPES:
@@ -122,10 +148,10 @@ class LocalBackend:
         self.max_batch_size = max_batch_size
         self.queue_size = queue_size
         self.context_length = context_length
-        self.threads = threads
         self.parent = parent
         self._loaded: _Loaded | None = None
         self._thread: threading.Thread | None = None
+        self._tokenize: ThreadPoolExecutor | None = None
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._accepting = False
@@ -136,12 +162,13 @@ class LocalBackend:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the tokenizer and model off the event loop, then start the worker."""
+        """Load the tokenizer and model off the event loop, then start the worker. Threads:
+        see `set_threads`, which the gateway calls once for every model of the process."""
         if self._thread is not None:
             return
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
         self._loaded = await asyncio.to_thread(self._load)
+        # One thread, so the tokenizer is never used by two threads at once.
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix=f"distillgate-tok-{self.name}")
         with self._cond:
             self._accepting, self._stopping = True, False
         self._thread = threading.Thread(
@@ -157,6 +184,9 @@ class LocalBackend:
         thread, self._thread = self._thread, None
         if thread is not None:
             await asyncio.to_thread(thread.join)
+        executor, self._tokenize = self._tokenize, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown)
         self._loaded = None
 
     def _load(self) -> _Loaded:
@@ -170,12 +200,14 @@ class LocalBackend:
             self.path, dtype=_DTYPES[self.dtype], local_files_only=True
         )
         model.to(device).eval()
+        check_model(model)
         total, non_embedding = _count_parameters(model)
         return _Loaded(
             model=model,
             tokenizer=tokenizer,
             detokenizer=AutoTokenizer.from_pretrained(self.path, local_files_only=True),
             eos_ids=eos_token_ids(model.config, model.generation_config, tokenizer),
+            vocab_size=int(model.config.vocab_size),
             device=device,
             context_length=self.context_length or model.config.max_position_embeddings,
             parameters=total,
@@ -192,7 +224,7 @@ class LocalBackend:
         token included (as OpenAI and vLLM count it), though EOS adds no text. Leaving
         the iteration early cancels the request and frees its batch slot.
         """
-        seq = self._submit(request)
+        seq = await self._submit(request)
         try:
             while True:
                 item = await seq.out.get()
@@ -240,23 +272,28 @@ class LocalBackend:
 
     # -- event-loop side -----------------------------------------------------------
 
-    def _submit(self, request: GenerationRequest) -> _Sequence:
+    async def _submit(self, request: GenerationRequest) -> _Sequence:
         """Validate and queue `request`; raise instead of queueing what cannot run."""
-        loaded = self._loaded
-        if loaded is None or not self._accepting:
+        loaded, executor = self._loaded, self._tokenize
+        if loaded is None or executor is None or not self._accepting:
             raise Unavailable(f"model {self.name!r} is not running", retry_after=5.0)
-        prompt_ids = self._encode(loaded.tokenizer, request)
-        max_tokens = request.params.max_tokens
-        if len(prompt_ids) + max_tokens > loaded.context_length:
-            raise PromptTooLong(len(prompt_ids), max_tokens, loaded.context_length)
+        params = request.params
+        check_logit_bias(params, loaded.vocab_size)
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(executor, _encode, loaded.tokenizer, request)
+        if len(prompt_ids) + params.max_tokens > loaded.context_length:
+            raise PromptTooLong(len(prompt_ids), params.max_tokens, loaded.context_length)
         seq = _Sequence(
             request=request,
             prompt_ids=prompt_ids,
-            text=TextState(
-                IncrementalDetokenizer(loaded.detokenizer), request.params, loaded.eos_ids
+            text=TextState(IncrementalDetokenizer(loaded.detokenizer), params, loaded.eos_ids),
+            chooser=TokenChooser(
+                params,
+                make_generator(params.seed),
+                LogitsAdjuster.create(params, loaded.vocab_size),
+                token_texts(loaded.detokenizer) if params.logprobs else None,
             ),
-            generator=make_generator(request.params.seed),
-            loop=asyncio.get_running_loop(),
+            loop=loop,
         )
         with self._cond:
             if not self._accepting:
@@ -270,19 +307,6 @@ class LocalBackend:
             self._waiting.append(seq)
             self._cond.notify()
         return seq
-
-    def _encode(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            text = tokenizer.apply_chat_template(
-                list(request.messages), add_generation_prompt=True, tokenize=False
-            )
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(request.prompt)["input_ids"]
-        if not ids:  # an empty raw prompt: the model needs at least one token to condition on
-            bos = tokenizer.bos_token_id
-            ids = [bos if bos is not None else tokenizer.eos_token_id]
-        return list(ids)
 
     def _cancel(self, seq: _Sequence) -> None:
         """The consumer went away: the worker drops the row at its next step."""
@@ -299,23 +323,45 @@ class LocalBackend:
             with torch.inference_mode():
                 while self._step():
                     pass
-        except Exception as exc:
+        except Exception as exc:  # outside any batch's step: a bug in the scheduling itself
             log.exception("model worker of %r failed", self.name)
             reason = Unavailable(f"model {self.name!r} failed: {exc!r}", retry_after=5.0)
         finally:
             self._shutdown(reason)
 
     def _step(self) -> bool:
-        """One scheduling iteration; False once the backend is stopping."""
+        """One scheduling iteration; False once the backend is stopping. A failure while
+        prefilling newcomers fails only them (the running batch's cache is untouched until
+        they join it); a failure while joining or decoding fails every running request and
+        drops the batch's cache. Either way the worker goes on with the next step."""
         newcomers = self._admit()
         if newcomers is None:
             return False
-        self._drop_finished()
         if newcomers:
-            self._prefill(newcomers)
+            joined = self._guard(newcomers, "prefill", self._prefill, newcomers)
+            if joined is not None:
+                batch, rows = joined
+                self._guard([*self._rows, *rows], "join", self._join, batch, rows)
         if self._rows:
-            self._decode()
+            self._guard(self._rows, "decode", self._decode)
         return True
+
+    def _guard(
+        self, rows: list[_Sequence], stage: str, run: Callable[..., _T], *args: Any
+    ) -> _T | None:
+        """`run(*args)`; if it raises, fail `rows` (a 500 to each client), log the traceback
+        once and, past the prefill, drop the running batch whose cache may be half-updated."""
+        try:
+            return run(*args)
+        except Exception as exc:
+            log.exception(
+                "model %r: %s step failed; failing its %d request(s)", self.name, stage, len(rows)
+            )
+            if stage != "prefill":  # first, so a client told of the failure sees it done
+                self._batch, self._rows = None, []
+            for seq in rows:
+                seq.fail(BackendError(f"model {self.name!r} failed in a {stage} step: {exc!r}"))
+            return None
 
     def _admit(self) -> list[_Sequence] | None:
         """Take waiting requests into free slots; sleep while there is nothing to do."""
@@ -331,23 +377,30 @@ class LocalBackend:
                     newcomers.append(seq)
             return newcomers
 
-    def _prefill(self, newcomers: list[_Sequence]) -> None:
+    def _prefill(self, newcomers: list[_Sequence]) -> tuple[KVBatch, list[_Sequence]] | None:
+        """Run the newcomers' prompts and choose their first tokens; return their batch and
+        the rows that go on (None when every one finished at once)."""
         assert self._loaded is not None
         batch, logits = KVBatch.prefill(self._loaded.model, [s.prompt_ids for s in newcomers])
         alive = self._advance(newcomers, logits)
+        if not alive:
+            return None
         if len(alive) < len(newcomers):
-            if not alive:
-                return
             batch.keep(alive)
-        newcomers = [newcomers[i] for i in alive]
+        return batch, [newcomers[i] for i in alive]
+
+    def _join(self, batch: KVBatch, rows: list[_Sequence]) -> None:
         if self._batch is None:
-            self._batch, self._rows = batch, newcomers
+            self._batch, self._rows = batch, rows
         else:
             self._batch.extend(batch)
-            self._rows = self._rows + newcomers
+            self._rows = self._rows + rows
 
     def _decode(self) -> None:
-        assert self._loaded is not None and self._batch is not None
+        assert self._loaded is not None
+        self._drop_finished()
+        if self._batch is None:
+            return
         tokens = torch.tensor([s.last_token for s in self._rows], dtype=torch.long)
         logits = self._batch.decode(self._loaded.model, tokens)
         alive = self._advance(self._rows, logits)
@@ -370,21 +423,21 @@ class LocalBackend:
         self._rows = [self._rows[i] for i in alive]
 
     def _advance(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """Sample one token per row, send the text it completes; return the rows that go on."""
+        """Choose one token per row, send the text it completes; return the rows that go on."""
         logits = logits.float().cpu()
         alive: list[int] = []
         for i, seq in enumerate(rows):
             if seq.cancelled:
                 continue
             seq.batch_size = max(seq.batch_size, len(rows))
-            seq.last_token = sample_token(logits[i], seq.request.params, seq.generator)
+            seq.last_token = seq.chooser.choose(logits[i])
             delta, reason = seq.text.push(seq.last_token)
             if reason is not None:
                 self._finish(seq, delta, reason)
                 continue
             alive.append(i)
             if delta and seq.request.stream:
-                seq.deliver(GenerationChunk(text=delta))
+                seq.deliver(GenerationChunk(text=delta, logprobs=seq.chooser.take_logprobs()))
         return alive
 
     def _finish(self, seq: _Sequence, delta: str, reason: FinishReason) -> None:
@@ -396,6 +449,7 @@ class LocalBackend:
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=seq.text.tokens,
                 batch_size=seq.batch_size,
+                logprobs=seq.chooser.take_logprobs(),
             )
         )
 
@@ -407,6 +461,21 @@ class LocalBackend:
         for seq in pending:
             seq.fail(reason)
         self._rows, self._batch = [], None
+
+
+def _encode(tokenizer: Any, request: GenerationRequest) -> list[int]:
+    """The prompt's token ids: the chat template for messages, the raw text otherwise."""
+    if request.messages is not None:
+        text = tokenizer.apply_chat_template(
+            list(request.messages), add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(request.prompt)["input_ids"]
+    if not ids:  # an empty raw prompt: the model needs at least one token to condition on
+        bos = tokenizer.bos_token_id
+        ids = [bos if bos is not None else tokenizer.eos_token_id]
+    return list(ids)
 
 
 def _count_parameters(model: Any) -> tuple[int, int]:

@@ -1,11 +1,15 @@
 """LocalBackend on real models: a tiny random Llama with the real SmolLM2 tokenizer for the
-mechanics (batching, limits, cancellation, streaming), the real teacher for quality."""
+mechanics (batching, limits, cancellation, streaming, faults, penalties, logit_bias,
+logprobs), the real teacher for quality."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,8 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.backends.base import (
     Backend,
+    BackendError,
     GenerationChunk,
     GenerationRequest,
+    InvalidParams,
     Overloaded,
     PromptTooLong,
     SamplingParams,
@@ -29,7 +35,7 @@ from models.backends.decoding import (
     find_stop,
     partial_stop_length,
 )
-from models.backends.local import LocalBackend
+from models.backends.local import LocalBackend, set_threads
 
 QUESTION = ({"role": "user", "content": "What is the capital of France?"},)
 
@@ -315,6 +321,175 @@ async def test_stop_fails_in_flight_requests(tiny_model_dir: Path) -> None:
     assert not await b.health()
     with pytest.raises(Unavailable):
         await collect(b, raw("After", max_tokens=2))
+
+
+# -- faults, tokenisation, threads -----------------------------------------------------
+
+
+class FailOnce:
+    """A forward pre-hook on the loaded model that raises once, on the first forward
+    whose input_ids `when` accepts (a fault inside the worker's step)."""
+
+    def __init__(self, when) -> None:
+        self.when = when
+        self.fired = False
+
+    def __call__(self, module, args, kwargs) -> None:
+        if not self.fired and self.when(kwargs["input_ids"]):
+            self.fired = True
+            raise RuntimeError("injected fault")
+
+
+def inject(backend: LocalBackend, when) -> FailOnce:
+    fault = FailOnce(when)
+    assert backend._loaded is not None
+    backend._loaded.model.register_forward_pre_hook(fault, with_kwargs=True)
+    return fault
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(1 for r in caplog.records if r.exc_info and r.name == "models.backends.local")
+
+
+async def test_a_fault_in_a_decode_step_fails_that_batch_and_the_worker_goes_on(
+    backend: LocalBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected, _ = await complete(backend, raw("Once upon a time", max_tokens=8))
+    fault = inject(backend, lambda ids: tuple(ids.shape) == (2, 1))  # both are decoding
+    prompts = ("Once upon a time", "Dear diary")
+    with caplog.at_level(logging.ERROR):
+        results = await asyncio.gather(
+            *(collect(backend, raw(p, max_tokens=200)) for p in prompts), return_exceptions=True
+        )
+    assert fault.fired
+    for result in results:
+        assert type(result) is BackendError and "injected fault" in str(result)
+    assert tracebacks(caplog) == 1
+    assert await backend.health() and backend.load().running == 0
+    text, last = await complete(backend, raw("Once upon a time", max_tokens=8))
+    assert (text, last.finish_reason, last.batch_size) == (expected, "length", 1)
+
+
+async def test_a_fault_prefilling_newcomers_spares_the_running_batch(
+    backend: LocalBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected, _ = await complete(backend, raw("Once upon a time", max_tokens=200))
+    running = backend.generate(raw("Once upon a time", max_tokens=200))
+    first = await anext(running)
+    # Fires on a prefill (several positions) while the first request is decoding.
+    fault = inject(backend, lambda ids: ids.shape[1] > 1 and backend.load().running == 1)
+    with caplog.at_level(logging.ERROR), pytest.raises(BackendError, match="prefill") as info:
+        await collect(backend, raw("Dear diary", max_tokens=4))
+    assert fault.fired and type(info.value) is BackendError
+    rest = [chunk async for chunk in running]
+    assert first.text + "".join(c.text for c in rest) == expected  # its cache was untouched
+    assert rest[-1].finish_reason == "length" and tracebacks(caplog) == 1
+    _, last = await complete(backend, raw("Dear diary", max_tokens=4))
+    assert last.finish_reason == "length" and await backend.health()
+
+
+async def test_tokenisation_runs_off_the_event_loop(backend: LocalBackend) -> None:
+    assert backend._loaded is not None
+    real = backend._loaded.tokenizer
+    threads: list[int] = []
+
+    class Recording:
+        """The real tokenizer, noting which thread encodes."""
+
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        def __call__(self, *args, **kwargs):
+            threads.append(threading.get_ident())
+            return real(*args, **kwargs)
+
+    backend._loaded.tokenizer = Recording()
+    try:
+        await complete(backend, chat("Hello", max_tokens=2))
+        await complete(backend, raw("Hello", max_tokens=2))
+    finally:
+        backend._loaded.tokenizer = real
+    assert len(threads) == 2 and threading.get_ident() not in threads
+
+
+def test_set_threads_is_process_wide_and_none_means_every_core(tiny_model_dir: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+        with pytest.raises(ValueError, match="got 0"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(TypeError):
+        LocalBackend("tiny", tiny_model_dir, threads=2)  # type: ignore[call-arg]
+
+
+# -- penalties, logit_bias, logprobs ----------------------------------------------------
+
+
+def tokens_of(chunks: list[GenerationChunk]) -> list[str]:
+    return [entry.token for chunk in chunks for entry in chunk.logprobs or ()]
+
+
+async def test_logit_bias_outside_the_vocabulary_is_refused(backend: LocalBackend) -> None:
+    with pytest.raises(InvalidParams) as info:
+        await collect(backend, raw("Hi", logit_bias=((5, 1.0), (1_000_000, -100.0))))
+    assert info.value.param == "logit_bias"
+    assert "1000000" in str(info.value) and "vocabulary size 49152" in str(info.value)
+    assert backend.load().waiting == 0
+
+
+async def test_banned_greedy_tokens_never_appear(backend: LocalBackend, tokenizer) -> None:
+    plain = await collect(backend, raw("Once upon a time", max_tokens=12, logprobs=True))
+    banned = {tokenizer.convert_tokens_to_ids(tokenizer.tokenize(t))[0] for t in tokens_of(plain)}
+    bias = tuple((token_id, -100.0) for token_id in sorted(banned))
+    request = raw("Once upon a time", max_tokens=12, logprobs=True, logit_bias=bias)
+    biased = tokens_of(await collect(backend, request))
+    assert len(biased) == 12 and not set(biased) & set(tokens_of(plain))
+
+
+async def test_presence_penalty_stops_repetition(backend: LocalBackend) -> None:
+    # The tiny random model repeats its greedy token; a penalty of 2 dwarfs its logits.
+    plain = tokens_of(await collect(backend, raw("Once upon a time", logprobs=True)))
+    assert len(set(plain)) < len(plain) == 16
+    request = raw("Once upon a time", logprobs=True, presence_penalty=2.0)
+    penalised = tokens_of(await collect(backend, request))
+    assert len(set(penalised)) == len(penalised) == 16
+
+
+async def test_greedy_logprobs_are_the_top_log_probabilities(backend: LocalBackend) -> None:
+    request = raw("Once upon a time", max_tokens=12, logprobs=True, top_logprobs=5)
+    streamed = await collect(backend, request)
+    whole = await collect(backend, replace(request, stream=False))
+    entries = [entry for chunk in streamed for entry in chunk.logprobs or ()]
+    assert len(entries) == whole[-1].completion_tokens == 12
+    assert whole[-1].logprobs == tuple(entries)  # the non-streamed answer holds them all
+    for entry in entries:
+        values = [value for _, value in entry.top]
+        assert len(entry.top) == 5 and values == sorted(values, reverse=True)
+        assert entry.top[0] == (entry.token, entry.logprob) and entry.logprob < 0
+    assert all(chunk.logprobs is None for chunk in await collect(backend, raw("Hi")))
+
+
+async def test_held_back_text_brings_its_logprobs(backend: LocalBackend) -> None:
+    request = raw("Once upon a time", max_tokens=40, logprobs=True, **SAMPLED)
+    texts = [chunk.text for chunk in await collect(backend, request)]  # one token each
+    full = "".join(texts)
+    # A stop string that starts in token k-1, spans token k and ends in token k+1: token
+    # k's text is held back, so its entry waits for the final chunk beside token k+1's.
+    for k in range(len(texts) // 2, len(texts) - 1):
+        stop = texts[k - 1][-1:] + texts[k] + texts[k + 1][:1]
+        if len(stop) >= 3 and full.find(stop) == len("".join(texts[:k])) - 1:
+            break
+    else:
+        pytest.fail(f"no stop string found in {texts}")
+    chunks = await collect(backend, replace(request, params=replace(request.params, stop=(stop,))))
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens == k + 2
+    assert all(chunk.logprobs for chunk in chunks)  # each chunk with its tokens
+    assert [len(chunk.logprobs or ()) for chunk in chunks] == [1] * k + [2]
 
 
 # -- the real teacher -------------------------------------------------------------------
