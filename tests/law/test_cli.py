@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.servers import cli_process
 
 LAW = Path("docs/results/law.json").resolve()
 
 
+@pytest.mark.slow
 def test_law_smoke_in_a_child_process(tmp_path: Path) -> None:
     shown = cli_process("law", "show", str(LAW), cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr

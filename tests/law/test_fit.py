@@ -52,6 +52,7 @@ def test_busbridge_form_fits_its_own_curves() -> None:
     assert np.median(relative) < 0.01  # Busbridge et al. report ~1% on their own data
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_cover_the_truth_about_95_percent() -> None:
     x = _grid(with_offsets=False)
     used = np.zeros(len(OFFSETS), dtype=bool)

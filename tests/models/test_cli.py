@@ -64,6 +64,7 @@ def test_tasks_list_show_and_export_round_trip(tmp_path: Path) -> None:
     assert again["sizes"]["test"] == 20 and set(again["labels"]) <= set(shown["labels"])
 
 
+@pytest.mark.slow
 def test_factory_smoke_in_a_child_process(tmp_path: Path) -> None:
     """The factory family's smoke test: `distillgate tasks` as a real process, from a
     directory that is not the repo."""

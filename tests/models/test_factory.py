@@ -95,6 +95,7 @@ def test_adapt_teacher_registers_its_lineage(store) -> None:
         adapt_teacher(store, "support-tickets", examples=16, teacher=TEACHER, progress=False)
 
 
+@pytest.mark.slow
 def test_evaluation_is_recorded_in_the_manifest(store) -> None:
     from models.evaluate import evaluate_entry
 

@@ -168,6 +168,7 @@ def test_leases_of_dead_processes_are_ignored(tmp_path: Path, tiny_model_dir: Pa
     store.remove("orphan")
 
 
+@pytest.mark.slow
 def test_students_cli(tmp_path: Path, tiny_model_dir: Path) -> None:
     store = ModelStore(tmp_path)
     store.register(_student("s2"), _writer(tiny_model_dir))

@@ -41,6 +41,7 @@ def test_bad_grids_name_every_problem(tmp_path: Path) -> None:
         load_grid(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 def test_a_sweep_writes_rows_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
     store = ModelStore(tmp_path / "store")
     copy = lambda out: shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)  # noqa: E731

@@ -66,6 +66,7 @@ def test_policy_file_reloads_and_keeps_the_old_policy_on_a_bad_edit(tmp_path: Pa
     assert watched.policy is old and "not valid YAML" in (watched.error or "")
 
 
+@pytest.mark.slow
 def test_domain_detection_on_held_out_prompts() -> None:
     detector, accuracy = fit_for(["finance-headlines"])
     assert detector.domains == ("finance-headlines", GENERAL)
@@ -82,20 +83,11 @@ def _student(**evaluation) -> Manifest:
     )  # fmt: skip
 
 
-LAW = None  # a law is built in the next test from synthetic rows
+@pytest.mark.slow
+def test_quality_combines_law_and_measurement(synthetic_law: Path) -> None:
+    from law.predict import load_law
 
-
-def test_quality_combines_law_and_measurement(tmp_path: Path) -> None:
-    from law.data import load_results
-    from law.predict import fit_law
-    from tests.law.test_predict import _rows
-
-    results = tmp_path / "r.jsonl"
-    import json
-
-    results.write_text("".join(json.dumps({**r, "task": "finance-headlines"}) + "\n"
-                               for r in _rows()))  # fmt: skip
-    law = fit_law(load_results(results), resamples=20)
+    law = load_law(synthetic_law)
     measured = {"value": 0.70, "low": 0.65, "high": 0.75}
     only_law = predict_quality(_student(), "finance-headlines", law)
     assert only_law.source == "law" and only_law.low < only_law.value
