@@ -16,6 +16,16 @@ from models.store import ModelStore
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_worker() -> None:
+    """Under pytest-xdist two workers share the two cores: two torch threads each would
+    oversubscribe them (OpenMP threads spin while they wait), so each worker takes one."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def model_store() -> ModelStore:
     """The test model store. Kept under var/ so the teacher is converted once per clone."""
@@ -44,13 +54,24 @@ def synthetic_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def synthetic_law(synthetic_results: Path) -> Path:
-    """A law fitted once per session to the synthetic rows (30 bootstrap resamples)."""
+def synthetic_law(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A law fitted to the synthetic rows (30 bootstrap resamples) once per run: under
+    pytest-xdist the first worker fits it under a lock in the run's shared base directory
+    and the others read it."""
     from law.data import load_results
     from law.predict import fit_law, save_law
+    from tests.law.synthetic import rows
 
-    path = synthetic_results.with_name("law.json")
-    save_law(fit_law(load_results(synthetic_results), resamples=30), path)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    path = shared / "synthetic-law.json"
+    with (shared / "synthetic-law.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            results = shared / "synthetic-results.jsonl"
+            results.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+            save_law(fit_law(load_results(results), resamples=30), path)
     return path
 
 
