@@ -145,7 +145,9 @@ def test_cancelled_stream_frees_its_slot(server: Server) -> None:
     cancelled = _metric(
         server, "distillgate_requests_total", endpoint="chat", model=TEACHER, outcome="cancelled"
     )
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, timeout=60
+    ) as r:  # the first token waits behind a loaded machine, not 5 s
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     deadline = time.monotonic() + 10
