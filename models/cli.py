@@ -172,6 +172,12 @@ def _eval(sub: argparse._SubParsersAction) -> None:
         default=200,
         help="validation items for KL and cross-entropy (default 200)",
     )
+    cmd.add_argument(
+        "--general-examples",
+        type=int,
+        default=None,
+        help="general-knowledge probe items, student and parent alike (default: all)",
+    )
     cmd.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     _progress_flag(cmd)
     _store_flag(cmd)
@@ -371,15 +377,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     from models.tasks import TaskError
 
     for flag, value in (("--test-examples", args.test_examples),
-                        ("--heldout-examples", args.heldout_examples)):  # fmt: skip
-        if value < 1:
+                        ("--heldout-examples", args.heldout_examples),
+                        ("--general-examples", args.general_examples)):  # fmt: skip
+        if value is not None and value < 1:
             raise CliError(f"{flag} must be at least 1, got {value}")
     store = _store(args.store)
     with _bars(not args.no_progress):
         try:
             manifest = evaluate_entry(
                 store, args.name, task=args.task, test_examples=args.test_examples,
-                heldout_examples=args.heldout_examples, latency=not args.no_latency,
+                heldout_examples=args.heldout_examples, general_examples=args.general_examples,
+                latency=not args.no_latency,
             )  # fmt: skip
         except (StoreError, TaskError) as exc:
             raise CliError(str(exc)) from None

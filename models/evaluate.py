@@ -160,11 +160,12 @@ def in_domain(
     )
 
 
-def general_knowledge(model_dir: Path) -> GeneralScore:
+def general_knowledge(model_dir: Path, n: int | None = None) -> GeneralScore:
+    """Accuracy on the first `n` items of the general-knowledge probe (all when None)."""
     from models.tasks.knowledge import accuracy_by_loglik
 
     task = get_task("general-knowledge")
-    examples = task.examples("test")
+    examples = task.examples("test", n)
     model, tokenizer = _load(model_dir)
     scores = accuracy_by_loglik(model, tokenizer, examples)
     return GeneralScore(n=len(scores), accuracy=bootstrap_ci(scores), chance=task.chance)
@@ -205,17 +206,20 @@ def heldout_divergence(store: ModelStore, name: str, reference: str, task: Task,
     return Heldout(kl=kl / tokens, cross_entropy=ce / tokens, tokens=int(tokens))
 
 
-def _reference_gk(store: ModelStore, reference: str) -> float:
-    """The reference model's general-knowledge accuracy, measured once and kept in its
-    manifest."""
+def _reference_gk(store: ModelStore, reference: str, n: int | None) -> float:
+    """The reference model's general-knowledge accuracy on the same items as the student's:
+    the whole probe is measured once and kept in its manifest; a subset is measured each
+    time and not kept."""
     evaluation = store.manifest(reference).evaluation
-    if evaluation.general_knowledge is None:
-        evaluation = evaluation.model_copy(
-            update={"general_knowledge": general_knowledge(store.resolve(reference))}
+    kept = evaluation.general_knowledge
+    if n is not None and n < (get_task("general-knowledge").size("test") or 0):
+        return general_knowledge(store.resolve(reference), n).accuracy.value
+    if kept is None:
+        kept = general_knowledge(store.resolve(reference))
+        store.update(
+            reference, evaluation=evaluation.model_copy(update={"general_knowledge": kept})
         )
-        store.update(reference, evaluation=evaluation)
-    assert evaluation.general_knowledge is not None
-    return evaluation.general_knowledge.accuracy.value
+    return kept.accuracy.value
 
 
 def evaluate_entry(
@@ -225,6 +229,7 @@ def evaluate_entry(
     task: str | None = None,
     test_examples: int = 300,
     heldout_examples: int = 200,
+    general_examples: int | None = None,
     latency: bool = True,
 ) -> Manifest:
     """Evaluate registry entry `name` on its task (or `task`) against its parent, and
@@ -238,10 +243,11 @@ def evaluate_entry(
     reference = manifest.parent
     previous = manifest.evaluation
     domain = in_domain(store, name, the_task, test_examples, reference)
-    gk = general_knowledge(model_dir)
+    gk = general_knowledge(model_dir, general_examples)
     heldout = dict(previous.heldout)
     if reference is not None:
-        kept = retention(gk.accuracy.value, _reference_gk(store, reference), 0.25)
+        reference_gk = _reference_gk(store, reference, general_examples)
+        kept = retention(gk.accuracy.value, reference_gk, 0.25)
         gk = gk.model_copy(update={"retention": kept})
         heldout[the_task.name] = heldout_divergence(
             store, name, reference, the_task, heldout_examples

@@ -32,6 +32,7 @@ from tests.servers import cli, cli_process
         (["tasks", "show", "nope"], "unknown task 'nope'"),
         (["tasks", "export", "finance-headlines", "-n", "0"], "-n must be at least 1"),
         (["eval", "ghost"], "'ghost' is not in the store"),
+        (["eval", "ghost", "--general-examples", "0"], "--general-examples must be at least 1"),
         (["students", "show", "ghost"], "'ghost' is not in the store"),
         (["sweep", "--grid", "missing.yaml", "--out", "r.jsonl"], "cannot read grid"),
     ],
