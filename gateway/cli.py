@@ -1,6 +1,7 @@
 """The `distillgate` command line. One entry point composes each package's commands: the
 gateway's `serve` (here), the factory's `tasks`, `teacher`, `distill`, `eval`, `sweep` and
-`students` (models/cli.py), and `law` (law/cli.py).
+`students` (models/cli.py), `law` (law/cli.py), and the adaptation loop's `traffic`
+(gateway/adapt/traffic_cli.py) and `adapt` (gateway/adapt/cli.py).
 
 Every command reports bad input as one line on stderr and exits with code 2.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from gateway.adapt import traffic_cli
 from law import cli as law_cli
 from law.cli import CliError
 from models import cli as models_cli
@@ -52,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     models_cli.add_commands(sub)
     law_cli.add_commands(sub)
+    traffic_cli.add_commands(sub)
     return root
 
 
@@ -77,6 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
         config = load_config(settings.config)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    if settings.traffic_dsn:
+        traffic = config.traffic.model_copy(update={"dsn": settings.traffic_dsn})
+        config = config.model_copy(update={"traffic": traffic})
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )

@@ -82,6 +82,34 @@ class Limits(_Strict):
     stream_idle_timeout_s: float = Field(60.0, gt=0)
 
 
+class Audit(_Strict):
+    """A share of student-answered requests is answered by the teacher too, in the
+    background and only while the teacher has spare capacity (no request waiting, fewer
+    than `max_teacher_busy` of its slots running); the two answers' agreement goes into
+    the traffic log for the degradation detector."""
+
+    share: float = Field(0.02, ge=0, le=1)
+    max_teacher_busy: float = Field(0.5, ge=0, le=1)
+    max_in_flight: int = Field(2, ge=1, le=1024)
+
+
+class Traffic(_Strict):
+    """The traffic log: one row per request that reached a model, written off the request
+    path in batches to a SQLite file in the model store, or to PostgreSQL when `dsn` (or
+    the environment's DISTILLGATE_TRAFFIC_DSN) is set. Content is kept only for SLO
+    classes whose policy says `log_content: true`, and for a shorter time."""
+
+    enabled: bool = True
+    dsn: str | None = None
+    queue_size: int = Field(10_000, ge=1, le=10_000_000)
+    batch_size: int = Field(512, ge=1, le=100_000)
+    flush_interval_s: float = Field(0.5, gt=0, le=60)
+    max_age_days: float | None = Field(30.0, gt=0)
+    max_rows: int | None = Field(1_000_000, ge=1)
+    content_max_age_days: float | None = Field(7.0, gt=0)
+    audit: Audit = Audit()
+
+
 class Routing(_Strict):
     """What `model: "auto"` needs: the policy file (SLO classes; reloaded when it
     changes) and the fitted law (law.json). Relative paths are from the config file."""
@@ -94,6 +122,7 @@ class GatewayConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     limits: Limits = Limits()
     routing: Routing = Routing()
+    traffic: Traffic = Traffic()
     store: Path | None = None
     # torch's intra-op threads for every in-process model (process-wide: set once at
     # start). None: all cores. Lower it when other work shares the machine.

@@ -19,6 +19,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4)
+AGREEMENT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 
@@ -126,6 +127,40 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.traffic_written = Counter(
+            "distillgate_traffic_log_written",
+            "Traffic log records written to the database.",
+            registry=r,
+        )
+        self.traffic_dropped = Counter(
+            "distillgate_traffic_log_dropped",
+            "Traffic log records dropped, by reason: queue_full (the writer fell behind), "
+            "database (unreachable or failing) or closed (still queued when the gateway "
+            "stopped and the last flush timed out).",
+            ["reason"],
+            registry=r,
+        )
+        self.traffic_queue = Gauge(
+            "distillgate_traffic_log_queue_depth",
+            "Traffic log records waiting to be written.",
+            registry=r,
+        )
+        self.audits = Counter(
+            "distillgate_audits",
+            "Student answers replayed on the teacher, by outcome (done, failed, "
+            "skipped_busy: the teacher had no spare capacity).",
+            ["outcome"],
+            registry=r,
+        )
+        self.audit_agreement = Histogram(
+            "distillgate_audit_agreement",
+            "Agreement of audited student answers with the teacher's (1 = the same answer).",
+            ["model"],
+            buckets=AGREEMENT_BUCKETS,
+            registry=r,
+        )
+        for reason in ("queue_full", "database", "closed"):  # zeros to alert on
+            self.traffic_dropped.labels(reason)
         r.register(_LoadCollector(backends))
         self._models: dict[str, ModelMetrics] = {}
 

@@ -19,3 +19,6 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     store: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The traffic log's database (overrides the config's traffic.dsn): a PostgreSQL URL
+    # shared by replicas, e.g. from a Kubernetes secret.
+    traffic_dsn: str | None = None

@@ -1,6 +1,7 @@
 """The gateway's state, built in the app's lifespan: the config, one backend per model,
-the metrics, the router of `model: "auto"`, and whether loading has finished. Reached by
-the endpoints through `Annotated[Gateway, Depends(get_gateway)]`."""
+the metrics, the router of `model: "auto"`, the traffic log's recorder, and whether
+loading has finished. Reached by the endpoints through `Annotated[Gateway,
+Depends(get_gateway)]`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -22,6 +23,10 @@ from gateway.routing.router import Router
 from law.fit import FitError
 from models.backends.base import Backend
 from models.store import ModelStore, StoreError
+
+if TYPE_CHECKING:
+    from gateway.adapt.recording import Recorder
+    from gateway.adapt.writer import TrafficWriter
 
 log = logging.getLogger("distillgate")
 
@@ -36,6 +41,9 @@ class Gateway:
     backends: dict[str, Backend] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
     router: Router | None = None
+    recorder: Recorder | None = None
+    writer: TrafficWriter | None = None
+    writer_task: asyncio.Task[None] | None = None
     ready: bool = False
     failure: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
@@ -88,6 +96,7 @@ class Gateway:
             self.failure = f"could not set up routing: {exc}"
             await self.stop()
             raise RuntimeError(self.failure) from exc
+        self._open_traffic()
         self.ready = True
         log.info("ready: %s", ", ".join(self.backends))
 
@@ -129,8 +138,52 @@ class Gateway:
             if self.router is not None:
                 await asyncio.to_thread(self.router.refresh)
 
+    def _open_traffic(self) -> None:
+        """Start the traffic log's writer task (it connects to the database in its own
+        thread: an unreachable one costs dropped records, never a failed start)."""
+        traffic = self.config.traffic
+        if not traffic.enabled:
+            return
+        from gateway.adapt.log import Retention, TrafficLog, database_url
+        from gateway.adapt.recording import Recorder
+        from gateway.adapt.writer import TrafficWriter
+
+        url = database_url(traffic.dsn, self.store.root)
+        metrics = self.metrics
+        self.writer = writer = TrafficWriter(
+            lambda: TrafficLog.open(url),
+            queue_size=traffic.queue_size,
+            batch_size=traffic.batch_size,
+            flush_interval_s=traffic.flush_interval_s,
+            retention=Retention(
+                traffic.max_age_days, traffic.max_rows, traffic.content_max_age_days
+            ),
+            on_drop=lambda reason, n: metrics.traffic_dropped.labels(reason).inc(n),
+            on_write=metrics.traffic_written.inc,
+        )
+        metrics.traffic_queue.set_function(lambda: writer.depth)
+        teacher = next((m for m in self.config.models if m.role == "teacher"), None)
+        slots = getattr(teacher, "max_batch_size", None) or getattr(teacher, "max_connections", 1)
+        self.recorder = Recorder(
+            writer, traffic.audit, self.backends, (teacher.name, slots) if teacher else None,
+            metrics, self.config.limits.request_timeout_s,
+        )  # fmt: skip
+        self.writer_task = asyncio.create_task(writer.run())
+
+    async def _close_traffic(self) -> None:
+        """Flush what is queued (a clean stop loses no record), then stop the writer."""
+        if self.recorder is not None:
+            await self.recorder.close()
+        if self.writer is not None:
+            await self.writer.close()
+        if self.writer_task is not None:
+            self.writer_task.cancel()
+            await asyncio.gather(self.writer_task, return_exceptions=True)
+        self.recorder = self.writer = self.writer_task = None
+
     async def stop(self) -> None:
         self.ready = False
+        await self._close_traffic()
         self.store.release()
         await asyncio.gather(*(b.stop() for b in self.backends.values()), return_exceptions=True)
 

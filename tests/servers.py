@@ -95,8 +95,11 @@ def gateway(
     ready: bool = True,
     timeout_s: float = 120,
 ) -> Iterator[Server]:
-    """`distillgate serve` on `config` (a dict written to YAML) on a free loopback port."""
+    """`distillgate serve` on `config` (a dict written to YAML) on a free loopback port. The
+    traffic log goes to a SQLite file beside the config unless `config` says otherwise."""
     path = tmp / f"config-{os.getpid()}-{time.monotonic_ns()}.yaml"
+    if "traffic" not in config:
+        config = {**config, "traffic": {"dsn": f"sqlite:///{path.with_suffix('.traffic.db')}"}}
     path.write_text(yaml.safe_dump(config))
     port = free_port()
     log = path.with_suffix(".log")

@@ -9,6 +9,12 @@ not come up.
 
     .venv/bin/python -m bench.overhead.run                    # both, 5 x 10 s
     .venv/bin/python -m bench.overhead.run --direct-only      # the instant server alone
+    .venv/bin/python -m bench.overhead.run --traffic          # + a gateway with the log on
+
+The gateway runs with its traffic log off (`gateway`); `--traffic` adds a second gateway
+process, the same config with the log on (a SQLite file in a temporary directory; the
+shipped policy logs content for the default class), measured in the same repeats
+(`logged`).
 
 (from the repo root: bench/ is a package of scripts, not part of the installed project)
 """
@@ -137,7 +143,27 @@ def report(rows: dict, concurrency: list[int]) -> str:
         if direct and gateway:
             lines.append(f"\nc={c}: the gateway adds {gateway['p50_ms'] - direct['p50_ms']:.3f} "
                          f"ms at p50 and serves {gateway['rps']:.0f} req/s")  # fmt: skip
+        logged = rows.get(f"logged c={c}")
+        if gateway and logged:
+            added_us = (logged["p50_ms"] - gateway["p50_ms"]) * 1000
+            ratio = logged["rps"] / gateway["rps"]
+            lines.append(f"c={c}: the traffic log adds {added_us:.0f} us at p50; "
+                         f"throughput {ratio:.3f} of the log off")  # fmt: skip
     return "\n".join(lines)
+
+
+def gateway_configs(config: Path, scratch: Path, traffic: bool) -> dict[str, Path]:
+    """The benchmark's config with the traffic log off, and (with `traffic`) on."""
+    data = yaml.safe_load(config.read_text())
+    variants = {"gateway": {**data, "traffic": {"enabled": False}}}
+    if traffic:
+        dsn = f"sqlite:///{scratch / 'traffic.db'}"
+        variants["logged"] = {**data, "traffic": {"enabled": True, "dsn": dsn}}
+    paths = {}
+    for name, variant in variants.items():
+        paths[name] = scratch / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(variant))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--direct-only", action="store_true", help="skip the gateway")
+    parser.add_argument(
+        "--traffic", action="store_true", help="also a gateway with the traffic log on"
+    )
     parser.add_argument("--out", type=Path, help="write the medians here as JSON")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -160,16 +189,19 @@ def main(argv: list[str] | None = None) -> int:
     backend = yaml.safe_load(args.config.read_text())["models"][0]
     instant_url, model = backend["url"].rstrip("/"), backend["name"]
     port = instant_url.rsplit(":", 1)[1]
-    gateway_url = f"http://127.0.0.1:{args.gateway_port}"
     instant = [*INSTANT, "--port", port, "--model", backend.get("served_model") or model]
-    gateway = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(args.config),
-               "--host", "127.0.0.1", "--port", str(args.gateway_port)]  # fmt: skip
     targets = {"direct": (instant_url, backend.get("served_model") or model)}
     with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         stack.enter_context(process("instant server", instant, f"{instant_url}/health", 30))
-        if not args.direct_only:
-            stack.enter_context(process("gateway", gateway, f"{gateway_url}/ready", 120))
-            targets["gateway"] = (gateway_url, model)
+        configs = {} if args.direct_only else gateway_configs(args.config, scratch, args.traffic)
+        for offset, (name, config) in enumerate(configs.items()):
+            url = f"http://127.0.0.1:{args.gateway_port + offset}"
+            argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+                    "--host", "127.0.0.1", "--port", str(args.gateway_port + offset),
+                    "--store", str(scratch / "store")]  # fmt: skip
+            stack.enter_context(process(name, argv, f"{url}/ready", 120))
+            targets[name] = (url, model)
         rows = measure(targets, args)
     print(report(rows, args.concurrency))
     if args.out:

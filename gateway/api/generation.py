@@ -21,6 +21,7 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from gateway.adapt.recording import Ending, Recorder, Tag, key_hash
 from gateway.errors import (
     BodyTooLarge,
     ContextLengthExceeded,
@@ -125,12 +126,13 @@ class Target:
     backend: Backend
     model: str
     route: Route | None
+    requested: str
 
     @property
     def headers(self) -> dict[str, str]:
         return self.route.headers() if self.route else {"x-distillgate-model": self.model}
 
-    def tracker(self, gw: Gateway, endpoint: str) -> Tracker:
+    def tracker(self, gw: Gateway, endpoint: str, request: Request, job: Job) -> Tracker:
         route, router = self.route, gw.router
         observer = None
         if route is not None and router is not None:
@@ -138,19 +140,48 @@ class Target:
             def observer(outcome: str, ttft: float | None, duration: float, tokens: int) -> None:
                 router.observe(route, outcome, ttft, duration, tokens)
 
-        return Tracker(gw.metrics, self.model, endpoint, observer)
+        tag = self._tag(gw, endpoint, request, job) if gw.recorder is not None else None
+        return Tracker(gw.metrics, self.model, endpoint, observer, gw.recorder, tag)
+
+    def _tag(self, gw: Gateway, endpoint: str, request: Request, job: Job) -> Tag:
+        """What the traffic log records of this request (see gateway/adapt/recording.py)."""
+        assert gw.recorder is not None
+        route, router = self.route, gw.router
+        key = api_key_of(request.headers.get("authorization"))
+        known: dict[str, Any] = {"key_hash": key_hash(key)}
+        log_content = False
+        if router is not None:
+            policy = router.policy
+            if route is not None:
+                slo_class: str | None = route.slo_class
+                known.update(
+                    domain=route.domain, confidence=route.confidence,
+                    route_reason=route.reason, price_per_1k=route.price_per_1k,
+                )  # fmt: skip
+            else:
+                found = router.slo_class(self.requested, request.headers, key)
+                slo_class = found[0] if found else None
+                known["price_per_1k"] = router.price_per_1k(self.model)
+            if slo_class is not None:
+                known["slo_class"] = slo_class
+                log_content = policy.classes[slo_class].log_content
+        config = gw.config.model(self.model)
+        return gw.recorder.tag(
+            job.requests[0], endpoint=endpoint, requested=self.requested, model=self.model,
+            role=config.role if config else "student", log_content=log_content, **known,
+        )  # fmt: skip
 
 
 def target(gw: Gateway, request: Request, model: str, text: str, max_tokens: int) -> Target:
     """Route `model: "auto"` / `"auto:<class>"`; any other name is served as asked."""
     if not is_auto(model):
-        return Target(gw.backend(model), model, None)
+        return Target(gw.backend(model), model, None, model)
     if not gw.ready or gw.router is None:
         reason = gw.failure or "the gateway is still loading its models"
         raise ServiceUnavailable(f"Not ready: {reason}.", retry_after=5)
     key = api_key_of(request.headers.get("authorization"))
     route = gw.router.route(text, model, request.headers, key, max_tokens)
-    return Target(gw.backend(route.model), route.model, route)
+    return Target(gw.backend(route.model), route.model, route, model)
 
 
 @dataclass
@@ -185,6 +216,8 @@ class Tracker:
     model: str
     endpoint: str
     observer: Observer | None = None
+    recorder: Recorder | None = None
+    tag: Tag | None = None
     start: float = field(default_factory=time.perf_counter)
     first: float | None = None
     last: dict[int, float] = field(default_factory=dict)
@@ -196,6 +229,8 @@ class Tracker:
     def __post_init__(self) -> None:
         self.bound = self.metrics.for_model(self.model)
         self.bound.in_flight.inc()
+        # the first choice's text, when the traffic log keeps it or an audit compares it
+        self.text: list[str] | None = [] if self.tag is not None and self.tag.keeps_text else None
 
     def chunk(self, chunk: GenerationChunk, index: int = 0) -> None:
         t, m = time.perf_counter(), self.bound
@@ -206,6 +241,8 @@ class Tracker:
         elif last is not None and chunk.text:
             m.itl.observe(t - last)
         self.last[index] = t
+        if self.text is not None and index == 0:
+            self.text.append(chunk.text)
         if chunk.finish_reason is not None:
             if self.prompt_tokens is None:  # one prompt, however many choices (as OpenAI)
                 self.prompt_tokens = chunk.prompt_tokens or 0
@@ -233,6 +270,13 @@ class Tracker:
         self.metrics.requests.labels(self.model, self.endpoint, outcome).inc()
         if error is not None:
             self.metrics.errors.labels(self.model, error.type).inc()
+        if self.recorder is not None and self.tag is not None:
+            status = error.status if error is not None else 200 if outcome == "success" else 499
+            text = "".join(self.text) if self.text is not None else None
+            self.recorder.finish(self.tag, Ending(
+                outcome, status, self.first, duration, self.prompt_tokens or 0,  # type: ignore[arg-type]
+                self.completion_tokens, text,
+            ))  # fmt: skip
 
     def fail(self, exc: BaseException, param: str) -> GatewayError:
         """End the request with `exc`, counted; the error the client gets."""
@@ -258,7 +302,7 @@ async def run(
     request: Request, gw: Gateway, to: Target, endpoint: str, job: Job, render: Render
 ) -> Response:
     """Serve `job` on `to` and answer: JSON, or SSE when it streams."""
-    tracker = to.tracker(gw, endpoint)
+    tracker = to.tracker(gw, endpoint, request, job)
     if job.stream:
         return await _stream(gw, job, tracker, render, to.headers)
     try:

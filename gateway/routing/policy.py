@@ -50,6 +50,9 @@ class SloClass(_Strict):
     p95_ttft_ms: float | None = Field(None, gt=0)
     p95_latency_ms: float | None = Field(None, gt=0)
     max_cost_per_1k_tokens: float | None = Field(None, ge=0)
+    # Keep the messages and the answers of this class's requests in the traffic log: the
+    # adaptation loop distils students from the teacher's logged answers.
+    log_content: bool = False
 
 
 class ApiKey(_Strict):

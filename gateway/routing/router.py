@@ -55,12 +55,14 @@ class Route:
     slo_class: str
     reason: str
     domain: str
+    confidence: float  # the domain detector's, for the domain it found most likely
     quality: float  # predicted, in the class's basis
     slo: Slo
     predicted_ttft_ms: float
     predicted_latency_ms: float
     cost: float
     teacher_cost: float
+    price_per_1k: float  # the chosen model's, for the cost of the tokens it really used
 
     def headers(self) -> dict[str, str]:
         return {
@@ -272,9 +274,27 @@ class Router:
             )
         chosen = next(c for c in candidates if c.name == decision.model)
         teacher = next((c for c in candidates if c.teacher), chosen)
-        return Route(decision.model, class_name, decision.reason, domain, decision.quality,
-                     slo, chosen.ttft_ms, chosen.latency_ms, chosen.cost,
-                     teacher.cost)  # fmt: skip
+        return Route(decision.model, class_name, decision.reason, domain,
+                     detection.confidence, decision.quality, slo, chosen.ttft_ms,
+                     chosen.latency_ms, chosen.cost, teacher.cost,
+                     chosen.cost_per_1k)  # fmt: skip
+
+    def slo_class(
+        self, requested: str, headers: Mapping[str, str], api_key: str | None
+    ) -> tuple[str, SloClass] | None:
+        """The class of a request that names its model (no routing): for the traffic log
+        only, so a class that does not exist is no error here."""
+        try:
+            return self._slo_class(self.policy, requested, headers, api_key)
+        except InvalidRequest:
+            return None
+
+    def price_per_1k(self, name: str) -> float:
+        reference = self.models.table.reference.get(GENERAL) if self.models else None
+        policy = self.policy
+        return cost_per_1k(name, policy.costs, policy.teacher_cost_per_1k_tokens,
+                           self._parameters(name),
+                           self._parameters(reference) if reference else None)  # fmt: skip
 
     def _parameters(self, name: str) -> int | None:
         backend = self.backends.get(name)

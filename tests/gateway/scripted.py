@@ -93,17 +93,31 @@ def _logprobs(params: SamplingParams, i: int, piece: str) -> tuple[TokenLogprob,
     return (TokenLogprob(piece, lp, top),)
 
 
-def scripted_app(backends: dict[str, ScriptedBackend], **limits) -> TestClient:
-    """The real app over `backends` (each configured as if remote), as a TestClient that
-    answers server errors as responses; enter it, then `wait_ready`."""
-    config = parse_config(
+def scripted_app(
+    backends: dict[str, ScriptedBackend],
+    *,
+    roles: dict[str, str] | None = None,
+    traffic: dict | None = None,
+    routing: dict | None = None,
+    **limits,
+) -> TestClient:
+    """The real app over `backends` (each configured as if remote; `roles` name the
+    teacher), as a TestClient that answers server errors as responses; enter it, then
+    `wait_ready`. The traffic log is off unless `traffic` configures it."""
+    roles = roles or {}
+    models = [
         {
-            "models": [
-                {"name": n, "backend": "openai", "url": "http://127.0.0.1:9"} for n in backends
-            ],
-            "limits": limits,
+            "name": n,
+            "backend": "openai",
+            "url": "http://127.0.0.1:9",
+            "role": roles.get(n, "student"),
         }
-    )
+        for n in backends
+    ]
+    data = {"models": models, "limits": limits, "traffic": traffic or {"enabled": False}}
+    if routing is not None:
+        data["routing"] = routing
+    config = parse_config(data)
     app = create_app(config, factory=lambda m: backends[m.name])
     return TestClient(app, raise_server_exceptions=False)
 

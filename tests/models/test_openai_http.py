@@ -102,7 +102,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     model_dir = request.getfixturevalue("tiny_model_dir")
     root = tmp_path_factory.mktemp("gateway")
     config = root / "gateway.yaml"
-    config.write_text(f"models:\n  - name: tiny\n    backend: local\n    path: {model_dir}\n")
+    config.write_text(
+        f"models:\n  - name: tiny\n    backend: local\n    path: {model_dir}\n"
+        "traffic:\n  enabled: false\n"
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
