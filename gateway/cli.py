@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from gateway.adapt import cli as adapt_cli
 from gateway.adapt import traffic_cli
 from law import cli as law_cli
 from law.cli import CliError
@@ -55,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     models_cli.add_commands(sub)
     law_cli.add_commands(sub)
     traffic_cli.add_commands(sub)
+    adapt_cli.add_commands(sub)
     return root
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distillgate_deploy import shipped
+from gateway.adapt.detectors import DetectorConfig
 
 DEFAULT_CONFIG = "default.yaml"  # shipped files, found with `shipped(name)`
 DEFAULT_POLICY = "policy.yaml"
@@ -110,6 +111,13 @@ class Traffic(_Strict):
     audit: Audit = Audit()
 
 
+class Adapt(_Strict):
+    """The adaptation process's settings (`distillgate adapt`): the shift detectors'
+    thresholds (gateway/adapt/detectors.py documents each)."""
+
+    detect: DetectorConfig = DetectorConfig()
+
+
 class Routing(_Strict):
     """What `model: "auto"` needs: the policy file (SLO classes; reloaded when it
     changes) and the fitted law (law.json). Relative paths are from the config file."""
@@ -123,6 +131,7 @@ class GatewayConfig(_Strict):
     limits: Limits = Limits()
     routing: Routing = Routing()
     traffic: Traffic = Traffic()
+    adapt: Adapt = Adapt()
     store: Path | None = None
     # torch's intra-op threads for every in-process model (process-wide: set once at
     # start). None: all cores. Lower it when other work shares the machine.
