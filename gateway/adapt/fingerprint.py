@@ -1,6 +1,7 @@
 """Template fingerprints: a 16-hex-digit hash that is equal for requests made from one
 template (a program wrapping changing items in a fixed prompt) and differs across
-templates. The gateway computes one for every request, so it must stay cheap (a few us).
+templates. The gateway computes one for every request, so it must stay cheap (~10 us on
+the project's 2-core machines; bench/adapt/detect.py measures it).
 
 How the template is read (`template` returns it, `fingerprint` hashes it with blake2b):
 

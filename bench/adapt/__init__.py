@@ -1,0 +1,1 @@
+"""bench/adapt: see docs/BENCHMARKS.md."""
