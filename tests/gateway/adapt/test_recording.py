@@ -60,7 +60,11 @@ def test_requests_are_recorded_with_content_by_class(log_url: str) -> None:
     plain, streamed, exact, failed = rows
     for row in (plain, streamed):
         assert (row.model, row.role, row.requested_model, row.endpoint) == (
-            "big", "teacher", "big", "chat")
+            "big",
+            "teacher",
+            "big",
+            "chat",
+        )
         assert row.slo_class == "interactive" and row.outcome == "success" and row.status == 200
         assert row.fingerprint == fingerprint(messages)
         assert json.loads(row.request or "") == {"messages": messages}
