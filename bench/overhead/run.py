@@ -57,7 +57,7 @@ def answers_200(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def process(name: str, argv: list[str], ready_url: str, timeout_s: float) -> Iterator[None]:
+def process(name: str, argv: list[str], ready_url: str, timeout_s: float) -> Iterator[int]:
     """Run `argv` until `ready_url` answers 200; stop it afterwards."""
     with tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -73,7 +73,7 @@ def process(name: str, argv: list[str], ready_url: str, timeout_s: float) -> Ite
                 )
                 raise BenchError(f"{name} ({' '.join(argv)}) {state}; log {log.name}:\n{tail}")
             time.sleep(0.1)
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         try:
@@ -108,23 +108,38 @@ def wrk(url: str, model: str, connections: int, seconds: float) -> dict:
 
 
 def median_row(runs: list[dict]) -> dict:
-    return {
+    row = {
         "p50_ms": statistics.median(r["p50_us"] for r in runs) / 1000,
         "p99_ms": statistics.median(r["p99_us"] for r in runs) / 1000,
         "rps": statistics.median(r["rps"] for r in runs),
         "runs": len(runs),
     }
+    if all("cpu_us" in r for r in runs):
+        row["cpu_us"] = statistics.median(r["cpu_us"] for r in runs)
+    return row
 
 
-def measure(targets: dict[str, tuple[str, str]], args: argparse.Namespace) -> dict:
-    """Every target at every concurrency, interleaved within each repeat."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(targets: dict[str, tuple[str, str]], pids: dict[str, int], args) -> dict:
+    """Every target at every concurrency, interleaved within each repeat. For the
+    gateways, also their own CPU time per request (steadier than latency on a shared
+    machine: what a feature costs shows there even when the noise hides it in p50)."""
     for url, model in targets.values():  # warm up connections, caches and JITs
         wrk(url, model, max(args.concurrency), 2)
     runs: dict[tuple[str, int], list[dict]] = {}
     for repeat in range(args.repeats):
         for c in args.concurrency:
             for name, (url, model) in targets.items():
+                before = cpu_seconds(pids[name]) if name in pids else None
                 result = wrk(url, model, c, args.duration)
+                if before is not None:
+                    spent = cpu_seconds(pids[name]) - before
+                    result["cpu_us"] = spent / max(result["requests"], 1) * 1e6
                 runs.setdefault((name, c), []).append(result)
                 p50, p99, rps = result["p50_us"], result["p99_us"], result["rps"]
                 print(f"  {repeat + 1} {name:8} c={c:<3} p50 {p50:>6} us p99 {p99:>6} us "
@@ -133,11 +148,13 @@ def measure(targets: dict[str, tuple[str, str]], args: argparse.Namespace) -> di
 
 
 def report(rows: dict, concurrency: list[int]) -> str:
-    lines = ["| target | concurrency | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
+    lines = ["| target | concurrency | p50 ms | p99 ms | req/s | gateway CPU us/request |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for key, row in rows.items():
         name, c = key.split(" c=")
+        cpu = f"{row['cpu_us']:.0f}" if "cpu_us" in row else "-"
         lines.append(f"| {name} | {c} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | "
-                     f"{row['rps']:.0f} |")  # fmt: skip
+                     f"{row['rps']:.0f} | {cpu} |")  # fmt: skip
     for c in concurrency:
         direct, gateway = rows.get(f"direct c={c}"), rows.get(f"gateway c={c}")
         if direct and gateway:
@@ -147,8 +164,9 @@ def report(rows: dict, concurrency: list[int]) -> str:
         if gateway and logged:
             added_us = (logged["p50_ms"] - gateway["p50_ms"]) * 1000
             ratio = logged["rps"] / gateway["rps"]
-            lines.append(f"c={c}: the traffic log adds {added_us:.0f} us at p50; "
-                         f"throughput {ratio:.3f} of the log off")  # fmt: skip
+            cpu = logged["cpu_us"] - gateway["cpu_us"]
+            lines.append(f"c={c}: the traffic log adds {added_us:.0f} us at p50 and {cpu:.0f} us "
+                         f"of CPU per request; throughput {ratio:.3f} of the log off")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -191,18 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     port = instant_url.rsplit(":", 1)[1]
     instant = [*INSTANT, "--port", port, "--model", backend.get("served_model") or model]
     targets = {"direct": (instant_url, backend.get("served_model") or model)}
+    pids: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         stack.enter_context(process("instant server", instant, f"{instant_url}/health", 30))
         configs = {} if args.direct_only else gateway_configs(args.config, scratch, args.traffic)
-        for offset, (name, config) in enumerate(configs.items()):
-            url = f"http://127.0.0.1:{args.gateway_port + offset}"
+        for name, config in configs.items():
+            port = args.gateway_port if name == "gateway" else free_port()
+            url = f"http://127.0.0.1:{port}"
             argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
-                    "--host", "127.0.0.1", "--port", str(args.gateway_port + offset),
+                    "--host", "127.0.0.1", "--port", str(port),
                     "--store", str(scratch / "store")]  # fmt: skip
-            stack.enter_context(process(name, argv, f"{url}/ready", 120))
+            pids[name] = stack.enter_context(process(name, argv, f"{url}/ready", 120))
             targets[name] = (url, model)
-        rows = measure(targets, args)
+        rows = measure(targets, pids, args)
     print(report(rows, args.concurrency))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")

@@ -3,6 +3,10 @@ routed), the record made when it ends, and the teacher's audits of student answe
 gateway only records; everything that reasons about the traffic runs in `distillgate
 adapt`, which reads the log.
 
+The request's path does as little as it can: a Tag of values already at hand, and, when
+the request ends, one callback scheduled on the event loop; the fingerprint, the content's
+JSON and the record are made in that callback, after the response has been handed over.
+
 An audit replays a student-answered request on the teacher, in the background and only
 while the teacher has spare capacity, and logs the two answers' agreement with the
 request's record (which waits for the audit, seconds at most, before it is queued).
@@ -13,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+
+import orjson
 
 from gateway.adapt.agreement import agreement
 from gateway.adapt.fingerprint import fingerprint
@@ -41,35 +46,35 @@ def key_hash(api_key: str | None) -> str | None:
 def content_of(request: GenerationRequest) -> str:
     """The request's content as logged: {"messages": [...]} or {"prompt": "..."}."""
     if request.messages is not None:
-        return json.dumps({"messages": list(request.messages)}, ensure_ascii=False)
-    return json.dumps({"prompt": request.prompt}, ensure_ascii=False)
+        return orjson.dumps({"messages": list(request.messages)}).decode()
+    return orjson.dumps({"prompt": request.prompt}).decode()
 
 
 @dataclass(frozen=True, slots=True)
 class Tag:
-    """What the log needs to know about a request before it is answered. `request` is its
-    content when its class logs content; `audit` the request to replay on the teacher when
+    """What the log needs to know about a request before it is answered: `generation` is
+    the request as the backend got it (its fingerprint and, when `log_content`, its content
+    are taken from it after the answer); `audit` the request to replay on the teacher when
     it was drawn for an audit."""
 
-    request_id: str
+    generation: GenerationRequest
     endpoint: str
     requested_model: str
     model: str
     role: str
-    fingerprint: str
+    log_content: bool
     slo_class: str | None = None
     key_hash: str | None = None
     domain: str | None = None
     confidence: float | None = None
     route_reason: str | None = None
     price_per_1k: float | None = None
-    request: str | None = None
     audit: GenerationRequest | None = None
 
     @property
     def keeps_text(self) -> bool:
         """Whether the answer's text is wanted (for the log, or for the audit)."""
-        return self.request is not None or self.audit is not None
+        return self.log_content or self.audit is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +121,6 @@ class Recorder:
         **known: str | float | None,
     ) -> Tag:
         """`known`: slo_class, key_hash, domain, confidence, route_reason, price_per_1k."""
-        source = generation.messages if generation.messages is not None else generation.prompt
         audit = None
         if (
             role == "student"
@@ -126,29 +130,34 @@ class Recorder:
         ):
             audit = replace(generation, request_id=f"{generation.request_id}-audit", stream=False)
         return Tag(
-            generation.request_id, endpoint, requested, model, role,
-            fingerprint(source or ""),
-            request=content_of(generation) if log_content else None, audit=audit,
+            generation, endpoint, requested, model, role, log_content, audit=audit,
             **known,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def finish(self, tag: Tag, end: Ending) -> None:
-        """Queue the request's record (after its audit, when it has one). Never raises."""
+        """Record the request once the event loop is done with its response. Never raises."""
+        asyncio.get_running_loop().call_soon(self._record, tag, end, time.time())
+
+    def _record(self, tag: Tag, end: Ending, now: float) -> None:
+        """Queue the request's record (after its audit, when it has one)."""
+        generation = tag.generation
+        source = generation.messages if generation.messages is not None else generation.prompt
         cost = None
         if tag.price_per_1k is not None:
             cost = tag.price_per_1k * (end.prompt_tokens + end.completion_tokens) / 1000
         record = TrafficRecord(
-            ts=time.time() - end.duration_s, request_id=tag.request_id,
+            ts=now - end.duration_s, request_id=generation.request_id,
             endpoint=tag.endpoint,  # type: ignore[arg-type]
             requested_model=tag.requested_model, model=tag.model,
             role=tag.role,  # type: ignore[arg-type]
-            fingerprint=tag.fingerprint, outcome=end.outcome, status=end.status,
+            fingerprint=fingerprint(source or ""), outcome=end.outcome, status=end.status,
             latency_ms=end.duration_s * 1000, prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
             ttft_ms=None if end.ttft_s is None else end.ttft_s * 1000,
             slo_class=tag.slo_class, key_hash=tag.key_hash, domain=tag.domain,
             confidence=tag.confidence, route_reason=tag.route_reason, cost=cost,
-            request=tag.request, response=end.text if tag.request is not None else None,
+            request=content_of(generation) if tag.log_content else None,
+            response=end.text if tag.log_content else None,
         )  # fmt: skip
         if tag.audit is not None and end.outcome == "success" and end.text is not None:
             if self._spare():

@@ -99,6 +99,8 @@ class Router:
     # model -> mtime of the bad manifest last reported, so each bad version is logged and
     # counted once however often the models are reloaded
     bad_manifests: dict[str, float] = field(default_factory=dict)
+    prices: dict[str, float] = field(default_factory=dict)
+    priced_for: tuple[Policy, _Models | None] | None = None
 
     @classmethod
     def build(
@@ -290,11 +292,19 @@ class Router:
             return None
 
     def price_per_1k(self, name: str) -> float:
-        reference = self.models.table.reference.get(GENERAL) if self.models else None
-        policy = self.policy
-        return cost_per_1k(name, policy.costs, policy.teacher_cost_per_1k_tokens,
-                           self._parameters(name),
-                           self._parameters(reference) if reference else None)  # fmt: skip
+        """`name`'s price per 1,000 tokens, kept until the policy or the models change."""
+        policy, models = self.policy, self.models
+        basis = self.priced_for  # held here, so identity cannot be a reused id
+        if basis is None or basis[0] is not policy or basis[1] is not models:
+            self.priced_for, self.prices = (policy, models), {}
+        price = self.prices.get(name)
+        if price is None:
+            reference = models.table.reference.get(GENERAL) if models else None
+            price = self.prices[name] = cost_per_1k(
+                name, policy.costs, policy.teacher_cost_per_1k_tokens, self._parameters(name),
+                self._parameters(reference) if reference else None,
+            )  # fmt: skip
+        return price
 
     def _parameters(self, name: str) -> int | None:
         backend = self.backends.get(name)
