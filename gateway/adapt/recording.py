@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import orjson
 
@@ -31,6 +32,7 @@ from gateway.adapt.records import Outcome, TrafficRecord
 from gateway.adapt.writer import TrafficWriter
 from gateway.config import Audit
 from gateway.metrics import Metrics
+from gateway.routing.router import Route, Router, api_key_of
 from models.backends.base import Backend, GenerationRequest
 
 log = logging.getLogger("distillgate")
@@ -117,10 +119,29 @@ class Recorder:
         requested: str,
         model: str,
         role: str,
-        log_content: bool,
-        **known: str | float | None,
+        route: Route | None,
+        router: Router | None,
+        headers: Mapping[str, str],
     ) -> Tag:
-        """`known`: slo_class, key_hash, domain, confidence, route_reason, price_per_1k."""
+        """The Tag of a request about to run on `model`: its class and routing facts from
+        `route` (model "auto"), or, for a named model, the class its headers and key give."""
+        key = api_key_of(headers.get("authorization"))
+        known: dict[str, Any] = {"key_hash": key_hash(key)}
+        log_content = False
+        if router is not None:
+            if route is not None:
+                slo_class: str | None = route.slo_class
+                known.update(
+                    domain=route.domain, confidence=route.confidence,
+                    route_reason=route.reason, price_per_1k=route.price_per_1k,
+                )  # fmt: skip
+            else:
+                found = router.slo_class(requested, headers, key)
+                slo_class = found[0] if found else None
+                known["price_per_1k"] = router.price_per_1k(model)
+            if slo_class is not None:
+                known["slo_class"] = slo_class
+                log_content = router.policy.classes[slo_class].log_content
         audit = None
         if (
             role == "student"
@@ -129,10 +150,7 @@ class Recorder:
             and self.rng.random() < self.audit.share
         ):
             audit = replace(generation, request_id=f"{generation.request_id}-audit", stream=False)
-        return Tag(
-            generation, endpoint, requested, model, role, log_content, audit=audit,
-            **known,  # type: ignore[arg-type]
-        )  # fmt: skip
+        return Tag(generation, endpoint, requested, model, role, log_content, audit=audit, **known)
 
     def finish(self, tag: Tag, end: Ending) -> None:
         """Record the request once the event loop is done with its response. Never raises."""

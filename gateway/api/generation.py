@@ -21,7 +21,7 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from gateway.adapt.recording import Ending, Recorder, Tag, key_hash
+from gateway.adapt.recording import Ending, Recorder, Tag
 from gateway.errors import (
     BodyTooLarge,
     ContextLengthExceeded,
@@ -140,36 +140,15 @@ class Target:
             def observer(outcome: str, ttft: float | None, duration: float, tokens: int) -> None:
                 router.observe(route, outcome, ttft, duration, tokens)
 
-        tag = self._tag(gw, endpoint, request, job) if gw.recorder is not None else None
+        tag = None
+        if gw.recorder is not None:
+            config = gw.config.model(self.model)
+            tag = gw.recorder.tag(
+                job.requests[0], endpoint=endpoint, requested=self.requested, model=self.model,
+                role=config.role if config else "student", route=self.route, router=router,
+                headers=request.headers,
+            )  # fmt: skip
         return Tracker(gw.metrics, self.model, endpoint, observer, gw.recorder, tag)
-
-    def _tag(self, gw: Gateway, endpoint: str, request: Request, job: Job) -> Tag:
-        """What the traffic log records of this request (see gateway/adapt/recording.py)."""
-        assert gw.recorder is not None
-        route, router = self.route, gw.router
-        key = api_key_of(request.headers.get("authorization"))
-        known: dict[str, Any] = {"key_hash": key_hash(key)}
-        log_content = False
-        if router is not None:
-            policy = router.policy
-            if route is not None:
-                slo_class: str | None = route.slo_class
-                known.update(
-                    domain=route.domain, confidence=route.confidence,
-                    route_reason=route.reason, price_per_1k=route.price_per_1k,
-                )  # fmt: skip
-            else:
-                found = router.slo_class(self.requested, request.headers, key)
-                slo_class = found[0] if found else None
-                known["price_per_1k"] = router.price_per_1k(self.model)
-            if slo_class is not None:
-                known["slo_class"] = slo_class
-                log_content = policy.classes[slo_class].log_content
-        config = gw.config.model(self.model)
-        return gw.recorder.tag(
-            job.requests[0], endpoint=endpoint, requested=self.requested, model=self.model,
-            role=config.role if config else "student", log_content=log_content, **known,
-        )  # fmt: skip
 
 
 def target(gw: Gateway, request: Request, model: str, text: str, max_tokens: int) -> Target:
