@@ -18,9 +18,10 @@
 an unexpected one, logged and hidden) into this tree; `error_response`/`sse_error` render a
 GatewayError as `{"error": {"message", "type", "param", "code"}}`, as JSON or as an SSE
 event. Each error is counted once, where it happens: a request that reached a model is
-counted by its Tracker and answered by the endpoint (gateway/api/generation.py), so it
-never reaches the handlers that `install_handlers` registers here; they answer and count
-everything else (bad bodies, unknown models, unknown routes) under the model label "".
+counted by its Tracker (gateway/api/tracking.py) and answered by the endpoint
+(gateway/api/generation.py), so it never reaches the handlers that `install_handlers`
+registers here; they answer and count everything else (bad bodies, unknown models,
+unknown routes) under the model label "".
 """
 
 from __future__ import annotations

@@ -22,18 +22,21 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway.adapt.agreement import agreement
 from gateway.adapt.fingerprint import fingerprint
-from gateway.adapt.records import Outcome, TrafficRecord
+from gateway.adapt.records import TrafficRecord
 from gateway.adapt.writer import TrafficWriter
 from gateway.config import Audit
 from gateway.metrics import Metrics
 from gateway.routing.router import Route, Router, api_key_of
 from models.backends.base import Backend, GenerationRequest
+
+if TYPE_CHECKING:
+    from gateway.api.tracking import Ending
 
 log = logging.getLogger("distillgate")
 
@@ -77,19 +80,6 @@ class Tag:
     def keeps_text(self) -> bool:
         """Whether the answer's text is wanted (for the log, or for the audit)."""
         return self.log_content or self.audit is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Ending:
-    """How a request ended, as the Tracker measured it."""
-
-    outcome: Outcome
-    status: int
-    ttft_s: float | None
-    duration_s: float
-    prompt_tokens: int
-    completion_tokens: int
-    text: str | None
 
 
 class Recorder:

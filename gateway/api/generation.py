@@ -4,37 +4,34 @@ answering it, as one JSON body or as SSE events.
 
 The endpoint modules only translate between OpenAI's shapes and `GenerationRequest`, and
 hand a `Render` to `run`. Once a request has reached a model, `run` owns it: its Tracker
-counts the outcome (and an error, once) and `run` answers it, so no error of a tracked
-request reaches the app's exception handlers.
+(gateway/api/tracking.py) counts the outcome (and an error, once) and `run` answers it,
+so no error of a tracked request reaches the app's exception handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
+import functools
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from gateway.adapt.recording import Ending, Recorder, Tag
+from gateway.api.tracking import Listener, Tracker
 from gateway.errors import (
     BodyTooLarge,
     ContextLengthExceeded,
-    GatewayError,
     InvalidRequest,
     ServiceUnavailable,
     TimedOut,
     error_response,
     sse_error,
-    to_gateway_error,
     validation_error,
 )
-from gateway.metrics import Metrics
 from gateway.protocol import Usage, _Sampling
 from gateway.routing.router import Route, api_key_of, is_auto
 from gateway.state import Gateway
@@ -133,22 +130,23 @@ class Target:
         return self.route.headers() if self.route else {"x-distillgate-model": self.model}
 
     def tracker(self, gw: Gateway, endpoint: str, request: Request, job: Job) -> Tracker:
-        route, router = self.route, gw.router
-        observer = None
+        """The request's Tracker, with its listeners: the router learns from routed
+        requests; the traffic log records every one."""
+        route, router, recorder = self.route, gw.router, gw.recorder
+        listeners: list[Listener] = []
         if route is not None and router is not None:
-
-            def observer(outcome: str, ttft: float | None, duration: float, tokens: int) -> None:
-                router.observe(route, outcome, ttft, duration, tokens)
-
-        tag = None
-        if gw.recorder is not None:
+            listeners.append(functools.partial(router.observe, route))
+        keep_text = False
+        if recorder is not None:
             config = gw.config.model(self.model)
-            tag = gw.recorder.tag(
+            tag = recorder.tag(
                 job.requests[0], endpoint=endpoint, requested=self.requested, model=self.model,
-                role=config.role if config else "student", route=self.route, router=router,
+                role=config.role if config else "student", route=route, router=router,
                 headers=request.headers,
             )  # fmt: skip
-        return Tracker(gw.metrics, self.model, endpoint, observer, gw.recorder, tag)
+            listeners.append(functools.partial(recorder.finish, tag))
+            keep_text = tag.keeps_text
+        return Tracker(gw.metrics, self.model, endpoint, tuple(listeners), keep_text)
 
 
 def target(gw: Gateway, request: Request, model: str, text: str, max_tokens: int) -> Target:
@@ -180,88 +178,6 @@ class Render(Protocol):
     def body(self, results: Sequence[Result], usage: Usage) -> BaseModel: ...
     def chunk(self, index: int, chunk: GenerationChunk, first: bool) -> list[bytes]: ...
     def usage(self, usage: Usage) -> bytes: ...
-
-
-Observer = Callable[[str, float | None, float, int], None]  # outcome, ttft, duration, tokens
-
-
-@dataclass
-class Tracker:
-    """Observes one request (all its choices): TTFT, inter-token latency, tokens, outcome,
-    and its error, counted here once; `observer` (the router's, for routed requests) hears
-    the outcome, TTFT, duration and the longest choice's tokens at the end."""
-
-    metrics: Metrics
-    model: str
-    endpoint: str
-    observer: Observer | None = None
-    recorder: Recorder | None = None
-    tag: Tag | None = None
-    start: float = field(default_factory=time.perf_counter)
-    first: float | None = None
-    last: dict[int, float] = field(default_factory=dict)
-    prompt_tokens: int | None = None
-    completion_tokens: int = 0
-    longest: int = 0
-    finished: bool = False
-
-    def __post_init__(self) -> None:
-        self.bound = self.metrics.for_model(self.model)
-        self.bound.in_flight.inc()
-        # the first choice's text, when the traffic log keeps it or an audit compares it
-        self.text: list[str] | None = [] if self.tag is not None and self.tag.keeps_text else None
-
-    def chunk(self, chunk: GenerationChunk, index: int = 0) -> None:
-        t, m = time.perf_counter(), self.bound
-        last = self.last.get(index)
-        if self.first is None:
-            self.first = t - self.start
-            m.ttft.observe(self.first)
-        elif last is not None and chunk.text:
-            m.itl.observe(t - last)
-        self.last[index] = t
-        if self.text is not None and index == 0:
-            self.text.append(chunk.text)
-        if chunk.finish_reason is not None:
-            if self.prompt_tokens is None:  # one prompt, however many choices (as OpenAI)
-                self.prompt_tokens = chunk.prompt_tokens or 0
-                m.prompt_tokens.inc(self.prompt_tokens)
-            tokens = chunk.completion_tokens or 0
-            self.completion_tokens += tokens
-            self.longest = max(self.longest, tokens)
-            m.completion_tokens.inc(tokens)
-            if chunk.batch_size:
-                m.batch_size.observe(chunk.batch_size)
-
-    def usage(self) -> Usage:
-        return Usage.of(self.prompt_tokens or 0, self.completion_tokens)
-
-    def done(self, outcome: str, error: GatewayError | None = None) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self.bound.in_flight.dec()
-        duration = time.perf_counter() - self.start
-        self.bound.e2e.observe(duration)
-        if self.observer is not None:
-            # choices run side by side: the longest one is what the duration measured
-            self.observer(outcome, self.first, duration, self.longest)
-        self.metrics.requests.labels(self.model, self.endpoint, outcome).inc()
-        if error is not None:
-            self.metrics.errors.labels(self.model, error.type).inc()
-        if self.recorder is not None and self.tag is not None:
-            status = error.status if error is not None else 200 if outcome == "success" else 499
-            text = "".join(self.text) if self.text is not None else None
-            self.recorder.finish(self.tag, Ending(
-                outcome, status, self.first, duration, self.prompt_tokens or 0,  # type: ignore[arg-type]
-                self.completion_tokens, text,
-            ))  # fmt: skip
-
-    def fail(self, exc: BaseException, param: str) -> GatewayError:
-        """End the request with `exc`, counted; the error the client gets."""
-        err = to_gateway_error(exc, param)
-        self.done("client_error" if err.status < 500 else "server_error", err)
-        return err
 
 
 @dataclass(frozen=True)

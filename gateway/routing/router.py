@@ -34,6 +34,7 @@ from models.backends.base import Backend
 from models.store import Manifest, ModelStore, StoreError, read_manifest
 
 if TYPE_CHECKING:
+    from gateway.api.tracking import Ending
     from law.schema import Law
 
 log = logging.getLogger("distillgate")
@@ -316,13 +317,13 @@ class Router:
         manifest = self.models.manifests.get(name) if self.models else None
         return manifest.evaluation.non_embedding_parameters if manifest else None
 
-    def observe(
-        self, route: Route, outcome: str, ttft_s: float | None, duration_s: float, tokens: int
-    ) -> None:
+    def observe(self, route: Route, ending: Ending) -> None:
         """Learn from an answered request and count whether it met its class."""
-        if outcome != "success" or ttft_s is None:
+        ttft_s, duration_s = ending.ttft_s, ending.duration_s
+        if ending.outcome != "success" or ttft_s is None:
             return
-        self.estimates.observe(route.model, route.domain, ttft_s, duration_s, tokens)
+        self.estimates.observe(route.model, route.domain, ttft_s, duration_s,
+                               ending.longest_tokens)  # fmt: skip
         m = self.metrics
         slo = route.slo
         met = (slo.p95_ttft_ms is None or ttft_s * 1000 <= slo.p95_ttft_ms) and (

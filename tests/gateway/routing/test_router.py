@@ -15,6 +15,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from gateway.api.tracking import Ending
 from gateway.config import parse_config
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.metrics import Metrics
@@ -102,10 +103,10 @@ def test_observations_feed_estimates_and_metrics(router: Router) -> None:
     route = _route(router)
     before = router.estimates.latency("big", Load(), 1, 10).latency_ms
     for _ in range(5):
-        router.observe(route, "success", ttft_s=0.001, duration_s=0.002, tokens=3)
+        router.observe(route, Ending("success", 200, 0.001, 0.002, 0, 3, 3, None))
     after = router.estimates.latency("big", Load(), 1, 10).latency_ms
     assert after < before  # observed faster than its prior
-    router.observe(route, "client_error", None, 0.1, 0)  # failures teach nothing
+    router.observe(route, Ending("client_error", 400, None, 0.1, 0, 0, 0, None))  # teaches nothing
     text = generate_latest(router.metrics.registry).decode()
     assert 'distillgate_slo_requests_total{outcome="met",slo_class="default"} 5.0' in text
     saved = route.teacher_cost - route.cost
