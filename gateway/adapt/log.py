@@ -168,6 +168,11 @@ def _insert_sql(table: str, paramstyle: str, rows: int) -> str:
     return f"INSERT INTO {table} ({', '.join(FIELDS)}) VALUES " + ", ".join([row] * rows)
 
 
+def sqlite_path(store_root: Path) -> Path:
+    """Where the log lives when no DSN is given: traffic.db in the model store."""
+    return Path(store_root).expanduser() / "traffic.db"
+
+
 def database_url(dsn: str | None, store_root: Path) -> str:
     """The log's SQLAlchemy URL: `dsn` (a plain postgresql:// one is given the installed
     psycopg 3 driver), else the SQLite file traffic.db in the model store."""
@@ -176,7 +181,7 @@ def database_url(dsn: str | None, store_root: Path) -> str:
             if dsn.startswith(scheme):
                 return "postgresql+psycopg://" + dsn[len(scheme) :]
         return dsn
-    return f"sqlite:///{Path(store_root).expanduser() / 'traffic.db'}"
+    return f"sqlite:///{sqlite_path(store_root)}"
 
 
 def _sqlite_setup(engine: Engine) -> None:

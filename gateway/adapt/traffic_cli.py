@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.adapt.records import TrafficRecord
 from law.cli import CliError, emit, json_flag
+from models.cli import STORE_ENV
 
 if TYPE_CHECKING:  # the log (SQLAlchemy) loads when a command runs, not with the parser
     from gateway.adapt.log import TrafficLog, TrafficStats
 
 DSN_ENV = "DISTILLGATE_TRAFFIC_DSN"
-STORE_ENV = "DISTILLGATE_STORE"  # as models/cli.py: the store when --store is not given
 PAGE = 1_000
 UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
 SKIP_REASONS = ("failed", "no_content", "no_teacher_answer", "unreadable", "duplicate")
@@ -96,18 +96,14 @@ def reading(args: argparse.Namespace) -> Iterator[TrafficLog]:
     """The log that --dsn or --store names, open for one command; its errors as CliError."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from gateway.adapt.log import TrafficLog, TrafficLogError, database_url
+    from gateway.adapt.log import TrafficLog, TrafficLogError, database_url, sqlite_path
+    from models.store import ModelStore
 
     dsn = args.dsn or os.environ.get(DSN_ENV) or None
-    root = args.store or os.environ.get(STORE_ENV) or None
-    if root is None:
-        from models.store import default_root
-
-        root = default_root()
-    root = Path(root).expanduser()
-    if dsn is None and not (root / "traffic.db").is_file():
+    root = ModelStore(args.store or os.environ.get(STORE_ENV) or None).root
+    if dsn is None and not sqlite_path(root).is_file():
         raise CliError(
-            f"no traffic log at {root / 'traffic.db'}; start the gateway with traffic "
+            f"no traffic log at {sqlite_path(root)}; start the gateway with traffic "
             "logging on, or pass --dsn"
         )
     try:
