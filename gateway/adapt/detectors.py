@@ -27,7 +27,9 @@ from gateway.adapt.records import Outcome, ShiftEvent, StoredRecord
 if TYPE_CHECKING:
     from river.drift import ADWIN
 
-GENERAL = "general"  # the routed domain of a request no student's task claims
+# The routed domain of a request no student's task claims: gateway.routing.domains.GENERAL,
+# not imported from there, since that module loads scipy and this one loads with the config.
+GENERAL = "general"
 SAMPLE_IDS = 20
 MIX_CLOCK = 32  # ADWIN checks for a cut every this many values (river's default)
 AUDIT_CLOCK = 4  # audits are sparse: check more often, so a drop is seen within a few

@@ -282,3 +282,10 @@ def test_mean_shift_finds_the_split() -> None:
     assert mean_shift([1.0] * 9, min_side=5) is None
     edge = mean_shift([0.0] * 40 + [1.0] * 2, min_side=5)  # too near the end to place
     assert edge is not None and edge.n_after == 5
+
+
+def test_general_is_the_routers_general() -> None:
+    from gateway.adapt import detectors
+    from gateway.routing import domains
+
+    assert detectors.GENERAL == domains.GENERAL
