@@ -111,11 +111,76 @@ class Traffic(_Strict):
     audit: Audit = Audit()
 
 
+class Rollout(_Strict):
+    """How a registered student earns its domain's traffic (gateway/adapt/rollout.py):
+    shadow (it answers a share of its domain's teacher-answered requests in the
+    background), canary at each of `steps` shares, then live; each promotion needs
+    `min_pairs` fresh agreement pairs whose lower bound meets the target, and an
+    agreement upper bound below the target or an error rate above `max_error_rate` rolls
+    it back to shadow."""
+
+    shadow_share: float = Field(0.5, ge=0, le=1)
+    audit_share: float = Field(0.2, ge=0, le=1)  # of a canary or live student's answers
+    steps: tuple[float, ...] = (0.1, 0.5)
+    min_pairs: int = Field(200, ge=1)
+    step_pairs: int = Field(100, ge=1)  # fresh pairs for each canary step
+    confidence: float = Field(0.95, gt=0, lt=1)
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    min_requests: int = Field(50, ge=1)  # before the error rate counts
+
+    @model_validator(mode="after")
+    def _check(self) -> Rollout:
+        if any(not 0 < s < 1 for s in self.steps) or list(self.steps) != sorted(self.steps):
+            raise ValueError("rollout.steps must be increasing shares in (0, 1)")
+        return self
+
+
 class Adapt(_Strict):
-    """The adaptation process's settings (`distillgate adapt`): the shift detectors'
-    thresholds (gateway/adapt/detectors.py documents each)."""
+    """The adaptation process's settings (`distillgate adapt run|once`): the shift
+    detectors' thresholds (gateway/adapt/detectors.py documents each), how a new
+    traffic's task is built from the log, how its student is planned and made, and how
+    it is rolled out."""
 
     detect: DetectorConfig = DetectorConfig()
+    min_examples: int = Field(500, ge=16)  # logged teacher answers with content
+    max_examples: int = Field(5000, ge=16)
+    validation_share: float = Field(0.1, ge=0, lt=0.5)
+    test_share: float = Field(0.2, gt=0, lt=0.5)  # the most recent rows
+    # Where a student starts when the teacher's weights are elsewhere: a model store name
+    # or a Hugging Face directory (default: the embedded SmolLM2-135M-Instruct).
+    student_base: str | None = None
+    ratios: tuple[float, ...] = (0.25, 0.5, 0.75)  # the planner's candidates
+    default_ratio: float = Field(0.5, gt=0, le=1)  # when no law is configured
+    max_train_minutes: float = Field(30.0, gt=0)
+    seconds_per_example: float = Field(0.6, gt=0)  # full-size student, one epoch (planning)
+    format: Literal["auto", "answers", "logits"] = "auto"  # auto: logits with a local teacher
+    method: Literal["full", "lora"] = "full"
+    pruning: Literal["depth", "width"] = "depth"
+    schedule: str = "one-shot"
+    epochs: float = Field(2.0, gt=0)
+    threads: int | None = Field(1, ge=1, le=1024)  # torch threads of the adapt process
+    nice: int = Field(10, ge=0, le=19)
+    interval_s: float = Field(5.0, gt=0)
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    rollout: Rollout = Rollout()
+
+    @model_validator(mode="after")
+    def _check(self) -> Adapt:
+        if self.max_examples < self.min_examples:
+            raise ValueError("adapt.max_examples must not be below adapt.min_examples")
+        if not self.ratios or any(not 0 < r <= 1 for r in self.ratios):
+            raise ValueError("adapt.ratios must be compression ratios in (0, 1]")
+        return self
+
+
+class Students(_Strict):
+    """Students served from the model store without being listed under `models`: those
+    the adaptation loop registered (manifests with an `adaptation` record), loaded when
+    they appear, at most `max_loaded` at once (least recently used unloaded first)."""
+
+    from_store: bool = False
+    max_loaded: int = Field(4, ge=1, le=256)
+    max_batch_size: int = Field(8, ge=1, le=256)
 
 
 class Routing(_Strict):
@@ -132,6 +197,7 @@ class GatewayConfig(_Strict):
     routing: Routing = Routing()
     traffic: Traffic = Traffic()
     adapt: Adapt = Adapt()
+    students: Students = Students()
     store: Path | None = None
     # torch's intra-op threads for every in-process model (process-wide: set once at
     # start). None: all cores. Lower it when other work shares the machine.

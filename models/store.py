@@ -105,6 +105,25 @@ class Evaluation(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class Adaptation(BaseModel):
+    """How the adaptation loop made a student (gateway/adapt): the traffic it was made
+    for, the data it learned from, the law's prediction recorded before training, and
+    what the gate measured on the held-out (most recent) logged requests."""
+
+    model_config = ConfigDict(extra="allow")
+
+    fingerprint: str
+    job: int
+    event_id: int | None = None
+    teacher: str
+    base: str
+    target: float = Field(ge=0, le=1)
+    rows: dict[str, int] = Field(default_factory=dict)  # train / validation / test, skipped
+    split: dict[str, float] = Field(default_factory=dict)  # the time boundaries
+    predicted: Interval | None = None
+    measured: Interval | None = None
+
+
 class Manifest(BaseModel):
     """What the registry knows of a model besides its weights: role and lineage (how it
     was made), and its evaluation results once measured."""
@@ -124,6 +143,7 @@ class Manifest(BaseModel):
     method: str | None = None
     seed: int | None = None
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    adaptation: Adaptation | None = None
 
 
 def read_manifest(path: Path) -> Manifest:

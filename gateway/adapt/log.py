@@ -22,7 +22,9 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import Connection, Engine
 
-from gateway.adapt.records import ShiftEvent, StoredRecord, TrafficRecord
+from gateway.adapt.records import SHADOW, ShiftEvent, StoredRecord, TrafficRecord
+from gateway.adapt.rollout import Evidence
+from gateway.adapt.state import create_v2
 
 CONTENT = ("request", "response", "reference")
 FIELDS = tuple(f.name for f in dataclasses.fields(TrafficRecord))
@@ -158,7 +160,7 @@ def _create_v1(conn: Connection) -> None:
     schema().metadata.create_all(conn)
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1,)
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_create_v1, create_v2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -322,6 +324,28 @@ class TrafficLog:
             StoredRecord(row[0], TrafficRecord(**dict(zip(names, row[1:], strict=True))))
             for row in rows
         ]
+
+    def evidence(self, model: str, after_id: int, last_pairs: int | None = None) -> Evidence:
+        """A student's agreement pairs (rows with an agreement score: shadow answers and
+        audits) and its own answered requests, in rows after `after_id`; with
+        `last_pairs`, the agreement of only the newest that many pairs."""
+        t = self.schema.traffic
+        after = sa.and_(t.c.model == model, t.c.id > after_id)
+        scored = sa.and_(after, t.c.agreement.is_not(None))
+        pairs = sa.select(t.c.agreement).where(scored)
+        if last_pairs is not None:
+            pairs = pairs.order_by(t.c.id.desc()).limit(last_pairs)
+        pairs = pairs.subquery()
+        own = sa.and_(after, sa.or_(t.c.route_reason.is_(None), t.c.route_reason != SHADOW))
+        failed = sa.case((t.c.outcome == "server_error", 1), else_=0)
+        with self.engine.connect() as conn:
+            n, total = conn.execute(
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(pairs.c.agreement), 0.0))
+            ).one()
+            requests, errors = conn.execute(
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(failed), 0)).where(own)
+            ).one()
+        return Evidence(int(n), float(total), int(requests), int(errors))
 
     def last_id(self) -> int:
         with self.engine.connect() as conn:

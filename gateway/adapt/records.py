@@ -10,6 +10,10 @@ from typing import Any, Literal
 Outcome = Literal["success", "client_error", "server_error", "cancelled"]
 EventKind = Literal["new_traffic", "mix_change", "degradation"]
 EVENT_KINDS: tuple[EventKind, ...] = ("new_traffic", "mix_change", "degradation")
+# The route_reason of a shadow answer's row: a student answered a teacher-answered request
+# in the background (gateway/adapt/rollout.py); not a request of its own, so the
+# detectors' traffic counts and the task built from the log skip it.
+SHADOW = "shadow"
 
 
 @dataclass(frozen=True, slots=True)
