@@ -52,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument("--store", type=Path, help="model store directory")
+    serve.add_argument(
+        "--adapt", action="store_true", help="also run the adaptation loop (`distillgate "
+        "adapt run`) as a supervised child process, restarted if it dies",
+    )  # fmt: skip
     serve.set_defaults(func=_serve)
     models_cli.add_commands(sub)
     law_cli.add_commands(sub)
@@ -106,7 +110,19 @@ def _serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=10,
         )
     )
-    server.run()
+    supervisor = None
+    if args.adapt:
+        from gateway.adapt.supervisor import Supervisor
+
+        child_args = [f"--{k}={v}" for k, v in (("config", settings.config),
+                      ("store", store.root)) if v is not None]  # fmt: skip
+        supervisor = Supervisor(child_args)
+        supervisor.start()
+    try:
+        server.run()
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
     if failed:
         print(f"distillgate: error: {failed[0]}", file=sys.stderr)
         return 1

@@ -17,8 +17,12 @@ from law.cli import CliError, emit, json_flag
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    adapt = sub.add_parser("adapt", help="the adaptation loop: shift detection over the traffic")
+    from gateway.adapt.commands import add_loop_commands
+
+    adapt = sub.add_parser("adapt", help="the adaptation loop: detect new traffic, distil a "
+                           "student for it, roll it out")  # fmt: skip
     actions = adapt.add_subparsers(dest="action", required=True, metavar="ACTION", help="one of:")
+    add_loop_commands(actions)
     watch = actions.add_parser(
         "watch",
         help="run the shift detectors over the traffic log and print each event found",

@@ -347,6 +347,17 @@ class TrafficLog:
             ).one()
         return Evidence(int(n), float(total), int(requests), int(errors))
 
+    def classes_of(self, fingerprint: str) -> dict[str, int]:
+        """The SLO classes that sent a fingerprint's requests, with their counts."""
+        t = self.schema.traffic
+        query = (
+            sa.select(t.c.slo_class, sa.func.count())
+            .where(t.c.fingerprint == fingerprint, t.c.slo_class.is_not(None))
+            .group_by(t.c.slo_class)
+        )
+        with self.engine.connect() as conn:
+            return {name: n for name, n in conn.execute(query)}
+
     def last_id(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.max(self.schema.traffic.c.id))).scalar() or 0

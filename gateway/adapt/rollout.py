@@ -137,7 +137,9 @@ def manual(rollout: Rollout, action: str, config: RolloutConfig) -> Transition:
     """An operator's move: `promote` (one step up), `rollback` (to shadow), `retire`."""
     figures: dict[str, float] = {}
     if action == "retire":
-        return Transition(rollout.student, rollout.stage, "retired", 0.0, "retired by hand", figures)
+        return Transition(
+            rollout.student, rollout.stage, "retired", 0.0, "retired by hand", figures
+        )
     if action == "rollback":
         return Transition(rollout.student, rollout.stage, "shadow", 0.0, "rolled back by hand",
                           figures)  # fmt: skip

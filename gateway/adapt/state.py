@@ -30,6 +30,7 @@ class AdaptSchema:
     jobs: sa.Table
     rollouts: sa.Table
     transitions: sa.Table
+    meta: sa.Table  # the process's own small state (the detectors' cursor)
 
 
 def adapt_schema() -> AdaptSchema:
@@ -74,7 +75,12 @@ def adapt_schema() -> AdaptSchema:
         sqlite_autoincrement=True,
     )  # fmt: skip
     sa.Index("ix_adapt_transitions_student", transitions.c.student, transitions.c.id)
-    return AdaptSchema(md, jobs, rollouts, transitions)
+    meta = sa.Table(
+        "adapt_meta", md,
+        sa.Column("key", text, primary_key=True),
+        sa.Column("value", text, nullable=False),
+    )  # fmt: skip
+    return AdaptSchema(md, jobs, rollouts, transitions, meta)
 
 
 def create_v2(conn: Connection) -> None:
@@ -157,6 +163,17 @@ class AdaptState:
         with self.engine.begin() as conn:
             conn.execute(sa.update(j).where(j.c.id == job_id).values(**values))
 
+    def get(self, key: str) -> str | None:
+        m = self.schema.meta
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(m.c.value).where(m.c.key == key)).scalar()
+
+    def put(self, key: str, value: str) -> None:
+        m = self.schema.meta
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(m).where(m.c.key == key))
+            conn.execute(sa.insert(m).values(key=key, value=value))
+
     # -- rollouts ----------------------------------------------------------------------
 
     def rollouts(self) -> dict[str, Rollout]:
@@ -206,10 +223,18 @@ class AdaptState:
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [
-            StoredTransition(row.id, row.ts, Transition(
-                row.student, row.before, row.after, row.share, row.reason,
-                json.loads(row.evidence),
-            ))  # fmt: skip
+            StoredTransition(
+                row.id,
+                row.ts,
+                Transition(
+                    row.student,
+                    row.before,
+                    row.after,
+                    row.share,
+                    row.reason,
+                    json.loads(row.evidence),
+                ),
+            )
             for row in reversed(rows)
         ]
 
