@@ -133,7 +133,18 @@ def _distill(sub: argparse._SubParsersAction) -> None:
     )
     distill.add_argument("--top-k", type=int, default=128, help="teacher logits kept per token")
     distill.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    distill.add_argument("--teacher", help="registry name of the teacher (default: embedded)")
+    distill.add_argument(
+        "--targets",
+        choices=("teacher", "reference"),
+        default="teacher",
+        help="learn the teacher's generated answers, or the task's own answers (e.g. a task "
+        "exported from the traffic log, whose answers are the teacher's; default teacher)",
+    )
+    distill.add_argument(
+        "--teacher",
+        help="registry name of the teacher, or a path to a Hugging Face directory "
+        "(default: embedded)",
+    )
     distill.add_argument("--name", help="registry name (default: derived from the options)")
     distill.add_argument("--eval", action="store_true", help="evaluate once registered")
     _teacher_check_flags(distill)
@@ -311,7 +322,7 @@ def _run_distill(args: argparse.Namespace) -> int:
         task=args.task, ratio=args.ratio, examples=args.examples, format=args.format,
         method=args.method, schedule=args.schedule, pruning=args.pruning, seed=args.seed,
         teacher=args.teacher or TEACHER_NAME, epochs=args.epochs, top_k=args.top_k,
-        name=args.name,
+        name=args.name, targets=args.targets,
     )  # fmt: skip
     with _bars(not args.no_progress):
         try:

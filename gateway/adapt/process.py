@@ -197,7 +197,7 @@ class AdaptProcess:
         """A waiting job goes back to pending once the log holds the rows it waits for."""
         for job in self.ctx.state.jobs(("waiting",)):
             needed = int(job.record.get("wait_rows", self.ctx.config.adapt.min_examples))
-            if usable_rows(self.ctx.log, job.fingerprint) >= needed:
+            if usable_rows(self.ctx.log, job.fingerprint, enough=needed) >= needed:
                 self.ctx.state.update_job(job.id, status="pending", reason=f"{needed} rows logged")
 
     def _export(self) -> None:

@@ -8,8 +8,9 @@ row's is its last user message, with the (first) system message, if any, before 
 blank line between (earlier turns are left out). The answer is the teacher's, whitespace
 stripped: a teacher row's response, or a student row's `reference` (the teacher's answer
 when the request was audited); `id` is the request id. A prompt already written is not
-written again. Rows that failed, have no content or no teacher answer, or cannot be read
-are skipped and counted.
+written again. Rows that failed, have no content or no teacher answer, cannot be read, or
+are shadow answers (a student's background reply to a teacher-answered request) are
+skipped and counted.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.adapt.records import TrafficRecord
+from gateway.adapt.records import SHADOW, TrafficRecord
 from law.cli import CliError, emit, json_flag
 from models.cli import STORE_ENV
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # the log (SQLAlchemy) loads when a command runs, not with th
 DSN_ENV = "DISTILLGATE_TRAFFIC_DSN"
 PAGE = 1_000
 UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
-SKIP_REASONS = ("failed", "no_content", "no_teacher_answer", "unreadable", "duplicate")
+SKIP_REASONS = ("failed", "no_content", "no_teacher_answer", "unreadable", "duplicate", "shadow")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -211,6 +212,26 @@ def _text(content: Any) -> str:
     return ""
 
 
+def label_of(record: TrafficRecord) -> tuple[str, str] | str:
+    """A row's (prompt, teacher answer), or the reason it cannot be one (a SKIP_REASONS
+    entry other than "duplicate", which only a reader of many rows can tell)."""
+    # A shadow answer is a student's background reply to a request the teacher answered
+    # (and logged) itself: not a request of its own.
+    if record.route_reason == SHADOW:
+        return "shadow"
+    # The labels are the teacher's: a student's answer counts only through its audit.
+    label = record.response if record.role == "teacher" else record.reference
+    answer = (label or "").strip()
+    if record.outcome != "success":
+        return "failed"
+    if record.role != "teacher" and record.request and record.reference is None:
+        return "no_teacher_answer"
+    if not record.request or not answer:
+        return "no_content"
+    prompt = prompt_of(record)
+    return "unreadable" if prompt is None else (prompt, answer)
+
+
 def task_rows(records: Iterable[TrafficRecord], limit: int | None = None) -> Export:
     """The loader-ready rows of `records` (at most `limit`), each prompt once."""
     rows: list[dict[str, str]] = []
@@ -219,22 +240,14 @@ def task_rows(records: Iterable[TrafficRecord], limit: int | None = None) -> Exp
     for record in records:
         if limit is not None and len(rows) >= limit:
             break
-        # The labels are the teacher's: a student's answer counts only through its audit.
-        label = record.response if record.role == "teacher" else record.reference
-        answer = (label or "").strip()
-        if record.outcome != "success":
-            skipped["failed"] += 1
-        elif record.role != "teacher" and record.request and record.reference is None:
-            skipped["no_teacher_answer"] += 1
-        elif not record.request or not answer:
-            skipped["no_content"] += 1
-        elif (prompt := prompt_of(record)) is None:
-            skipped["unreadable"] += 1
-        elif prompt in seen:
+        label = label_of(record)
+        if isinstance(label, str):
+            skipped[label] += 1
+        elif label[0] in seen:
             skipped["duplicate"] += 1
         else:
-            seen.add(prompt)
-            rows.append({"prompt": prompt, "answer": answer, "id": record.request_id})
+            seen.add(label[0])
+            rows.append({"prompt": label[0], "answer": label[1], "id": record.request_id})
     return Export(tuple(rows), {r: skipped[r] for r in SKIP_REASONS})
 
 

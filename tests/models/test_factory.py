@@ -1,17 +1,29 @@
 """The student factory end to end on a tiny random teacher: every format and method makes
 a registered, loadable student with its lineage; bad specs fail before any work and leave
-the registry as it was; teacher adaptation registers an adapted teacher; evaluation
-records its results in the manifest. The real teacher runs in one slow test."""
+the registry as it was; training without registering, then registering; learning a task's
+own answers; a base model given as a directory; teacher adaptation registers an adapted
+teacher; evaluation records its results in the manifest. The real teacher runs in one
+slow test."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.distill.factory import FactoryError, StudentSpec, adapt_teacher, make_student
+from models.distill.factory import (
+    FactoryError,
+    StudentSpec,
+    adapt_teacher,
+    make_student,
+    register_student,
+    train_student,
+    validate,
+)
 from models.store import Manifest, ModelStore
 
 TEACHER = "tiny-teacher"
@@ -82,6 +94,80 @@ def test_bad_specs_fail_before_any_work(store, overrides, message) -> None:
 def test_a_name_already_taken_is_refused(store) -> None:
     with pytest.raises(FactoryError, match="already registered"):
         make_student(store, _spec(name=TEACHER), progress=False)
+
+
+def test_train_student_registers_nothing_until_asked(store) -> None:
+    spec = _spec(format="answers", method="full")
+    trained = train_student(store, spec, progress=False)
+    assert [m.name for m in store.entries()] == [TEACHER]
+    assert trained.manifest.name == spec.model_name() and trained.manifest.parent == TEACHER
+    assert trained.work == store.root / ".work" / spec.model_name() and trained.work.is_dir()
+    assert trained.model.config.num_hidden_layers == 1
+    # killed before registering: a rerun of the same spec returns the finished student
+    # (marked here, so that training it again would show)
+    kept = trained.work / "trained" / "manifest.json"
+    kept.write_text(trained.manifest.model_copy(update={"source": "kept"}).model_dump_json())
+    again = train_student(store, spec, progress=False)
+    assert again.manifest == trained.manifest.model_copy(update={"source": "kept"})
+    for mine, kept in zip(trained.model.parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(mine, kept)
+    manifest = register_student(store, again)
+    assert manifest.name == spec.model_name() and manifest.training == trained.manifest.training
+    assert [m.name for m in store.entries()] == sorted([TEACHER, manifest.name])
+    assert not trained.work.exists()
+    loaded = AutoModelForCausalLM.from_pretrained(store.resolve(manifest.name))
+    assert loaded.config.num_hidden_layers == 1
+
+
+def _jsonl(path: Path, answers: list[str | None]) -> Path:
+    rows = [{"task": {"name": "logged", "description": "from the log"}}] + [
+        {"id": f"q{i}", "prompt": f"Ticket {i}: my card was declined", "answer": a,
+         "split": "train"}
+        for i, a in enumerate(answers)
+    ] + [{"id": "t0", "prompt": "Ticket: refund", "answer": "zebra", "split": "test"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_reference_targets_train_on_the_task_answers(store, tmp_path: Path) -> None:
+    # answers a random teacher would never generate: seen in the training sequences only
+    # when they come from the task itself
+    answers = ["zebra crossing" if i % 2 else "aardvark" for i in range(16)]
+    task = _jsonl(tmp_path / "logged.jsonl", answers)
+    spec = _spec(task=str(task), format="answers", targets="reference", name=None)
+    assert spec.model_name().startswith("logged-depth0.5-answers")
+    trained = train_student(store, spec, progress=False)
+    assert trained.manifest.task == "logged" and trained.manifest.training["targets"] == "reference"
+    (cached,) = (store.root / ".cache" / "teacher").glob("logged-train-answers-*.pt")
+    tokenizer = AutoTokenizer.from_pretrained(store.resolve(TEACHER))
+    targets = [
+        tokenizer.decode(row["ids"][row["start"] :], skip_special_tokens=True)
+        for row in torch.load(cached, weights_only=True)
+    ]
+    assert targets == answers
+    assert [m.name for m in store.entries()] == [TEACHER]
+
+
+def test_reference_targets_need_every_answer(store, tmp_path: Path) -> None:
+    task = _jsonl(tmp_path / "partial.jsonl", ["yes"] * 15 + [None])
+    with pytest.raises(FactoryError, match="'q15' of task 'logged' has none"):
+        train_student(store, _spec(task=str(task), format="answers", targets="reference"))
+    assert validate(store, _spec(task=str(task))).name == "logged"  # the teacher's need none
+
+
+def test_a_base_outside_the_store_is_named_by_its_directory(
+    store, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "my-base"
+    shutil.copytree(tiny_model_dir, base)
+    manifest = make_student(
+        store, _spec(teacher=str(base), format="answers", method="lora"), progress=False
+    )
+    assert manifest.parent == "my-base" and manifest.pruning["base"] == str(base.resolve())
+    assert store.has(manifest.name) and not store.has("my-base")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FactoryError, match=r"not a Hugging Face model directory: no config\.json"):
+        train_student(store, _spec(teacher=str(tmp_path / "empty")))
 
 
 def test_adapt_teacher_registers_its_lineage(store) -> None:

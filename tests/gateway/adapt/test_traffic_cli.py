@@ -154,6 +154,7 @@ def test_export_loads_back_as_a_task(source: tuple[list[str], str], tmp_path: Pa
     assert "wrote 4 rows" in done.stderr and "skipped 4" in done.stderr
     assert json.loads(done.stdout)["skipped"] == {
         "failed": 1, "no_content": 1, "no_teacher_answer": 1, "unreadable": 0, "duplicate": 1,
+        "shadow": 0,
     }  # fmt: skip
     task = load_jsonl_task(out)
     assert task.name == "traffic-fpA" and "fpA" in task.description
