@@ -155,8 +155,10 @@ def _train_and_gate(
     evaluation = Evaluation(in_domain={str(built.path): DomainScore(
         n=n_test, accuracy=score, agreement=score, reference_accuracy=1.0,
         retention=result.value)}, reference=teacher.name, evaluated=int(time.time()))  # fmt: skip
-    manifest = trained.manifest.model_copy(update={"adaptation": adaptation,
-                                                   "evaluation": evaluation})  # fmt: skip
+    # the task by its path: routing loads it to fit domain detection with the new domain
+    manifest = trained.manifest.model_copy(update={
+        "task": str(built.path), "adaptation": adaptation, "evaluation": evaluation,
+    })  # fmt: skip
     register_student(ctx.store, replace(trained, manifest=manifest))
     return finish_registered(ctx, _update(ctx.state, job, record=record), target)
 
