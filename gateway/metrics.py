@@ -159,6 +159,21 @@ class Metrics:
             buckets=AGREEMENT_BUCKETS,
             registry=r,
         )
+        self.shadow_answers = Counter(
+            "distillgate_shadow_answers",
+            "Teacher-answered requests replayed on a student in shadow or canary, by "
+            "student and outcome (done, failed, skipped_busy: the student had no spare "
+            "capacity).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.shadow_agreement = Histogram(
+            "distillgate_shadow_agreement",
+            "Agreement of students' shadow answers with the teacher's (1 = the same answer).",
+            ["model"],
+            buckets=AGREEMENT_BUCKETS,
+            registry=r,
+        )
         for reason in ("queue_full", "database", "closed"):  # zeros to alert on
             self.traffic_dropped.labels(reason)
         r.register(_LoadCollector(backends))

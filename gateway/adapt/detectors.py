@@ -1,7 +1,10 @@
 """The shift detectors the adapt process runs over the traffic log, in id order: new
 traffic (a template no student covers), a change in the domain mix, and a student's
 agreement with the teacher dropping. Each is an update step over plain observations;
-the state lives in the detector objects. Only successful requests count.
+the state lives in the detector objects. Only successful requests count; a student's
+shadow answer (a teacher-answered request replayed in the background) is no request and
+counts nowhere: the request is counted once, by the teacher's row, and degradation is
+about the answers callers got, which the audits sample.
 
 Change detection is river's ADWIN (Bifet and Gavaldà 2007, "Learning from time-changing
 data with adaptive windowing"): it keeps a window of recent values and drops its older
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.adapt.records import Outcome, ShiftEvent, StoredRecord
+from gateway.adapt.records import SHADOW, Outcome, ShiftEvent, StoredRecord
 
 if TYPE_CHECKING:
     from river.drift import ADWIN
@@ -106,13 +109,14 @@ class Observation:
     fingerprint: str
     outcome: Outcome
     agreement: float | None = None
+    shadow: bool = False  # a shadow answer's row, not a request
 
 
 def observation(stored: StoredRecord) -> Observation:
     r = stored.record
     return Observation(
         stored.id, r.ts, r.request_id, r.model, r.role, r.domain, r.confidence,
-        r.fingerprint, r.outcome, r.agreement,
+        r.fingerprint, r.outcome, r.agreement, r.route_reason == SHADOW,
     )  # fmt: skip
 
 
@@ -346,8 +350,9 @@ class Detectors:
         self.degradation = Degradation(self.config)
 
     def update(self, obs: Observation) -> list[ShiftEvent]:
-        """The events this observation triggers (none for an unsuccessful request)."""
-        if obs.outcome != "success":
+        """The events this observation triggers (none for an unsuccessful request, nor for
+        a shadow answer)."""
+        if obs.outcome != "success" or obs.shadow:
             return []
         return [
             *self.new_traffic.update(obs),

@@ -9,7 +9,14 @@ JSON and the record are made in that callback, after the response has been hande
 
 An audit replays a student-answered request on the teacher, in the background and only
 while the teacher has spare capacity, and logs the two answers' agreement with the
-request's record (which waits for the audit, seconds at most, before it is queued).
+request's record (which waits for the audit, seconds at most, before it is queued). A
+student in canary or live is audited at least at `adapt.rollout.audit_share`.
+
+A shadow answer replays a teacher-answered request that the router named for it on a
+student in shadow or canary, in the background and only while that student is idle
+enough; it is logged as a row of its own (route_reason "shadow", request id
+"<id>-shadow") with its agreement with the teacher's answer. The teacher's own record is
+queued at once, as for any request.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import orjson
 
 from gateway.adapt.agreement import agreement
 from gateway.adapt.fingerprint import fingerprint
-from gateway.adapt.records import TrafficRecord
+from gateway.adapt.records import SHADOW, TrafficRecord
 from gateway.adapt.writer import TrafficWriter
 from gateway.config import Audit
 from gateway.metrics import Metrics
@@ -75,11 +82,26 @@ class Tag:
     route_reason: str | None = None
     price_per_1k: float | None = None
     audit: GenerationRequest | None = None
+    # the request to replay on the student `shadow_model` (with `shadow_slots` slots)
+    # when the router named one for a shadow answer
+    shadow: GenerationRequest | None = None
+    shadow_model: str | None = None
+    shadow_slots: int = 1
 
     @property
     def keeps_text(self) -> bool:
-        """Whether the answer's text is wanted (for the log, or for the audit)."""
-        return self.log_content or self.audit is not None
+        """Whether the answer's text is wanted (for the log, the audit or the shadow)."""
+        return self.log_content or self.audit is not None or self.shadow is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A background generation's text and what its record needs."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None
 
 
 class Recorder:
@@ -100,6 +122,7 @@ class Recorder:
         self.teacher, self.metrics, self.timeout_s = teacher, metrics, timeout_s
         self.rng = rng or random.Random()
         self.audits: set[asyncio.Task[None]] = set()
+        self.shadows: set[asyncio.Task[None]] = set()
 
     def tag(
         self,
@@ -133,14 +156,27 @@ class Recorder:
                 known["slo_class"] = slo_class
                 log_content = router.policy.classes[slo_class].log_content
         audit = None
+        share = self._audit_share(model, router)
         if (
             role == "student"
             and self.teacher is not None
-            and self.audit.share > 0
-            and self.rng.random() < self.audit.share
+            and share > 0
+            and self.rng.random() < share
         ):
             audit = replace(generation, request_id=f"{generation.request_id}-audit", stream=False)
+        if role == "teacher" and route and route.shadow and router is not None:
+            known.update(_shadow_of(generation, route.shadow, router))
         return Tag(generation, endpoint, requested, model, role, log_content, audit=audit, **known)
+
+    def _audit_share(self, model: str, router: Router | None) -> float:
+        """traffic.audit.share; for a student in canary or live, at least the rollout's
+        audit_share (its promotion and rollback are decided on those pairs)."""
+        if router is None:
+            return self.audit.share
+        rollout = router.rollouts.get(model)
+        if rollout is None or rollout.stage not in ("canary", "live"):
+            return self.audit.share
+        return max(self.audit.share, router.config.adapt.rollout.audit_share)
 
     def finish(self, tag: Tag, end: Ending) -> None:
         """Record the request once the event loop is done with its response. Never raises."""
@@ -167,6 +203,8 @@ class Recorder:
             request=content_of(generation) if tag.log_content else None,
             response=end.text if tag.log_content else None,
         )  # fmt: skip
+        if tag.shadow is not None and end.outcome == "success" and end.text is not None:
+            self._start_shadow(record, tag, end.text)
         if tag.audit is not None and end.outcome == "success" and end.text is not None:
             if self._spare():
                 task = asyncio.get_running_loop().create_task(
@@ -207,17 +245,89 @@ class Recorder:
             record = replace(record, agreement=score, reference=kept)
         self.writer.submit(record)
 
+    def _start_shadow(self, record: TrafficRecord, tag: Tag, reference: str) -> None:
+        """Replay the request on its shadow student when the student is idle enough."""
+        name = tag.shadow_model
+        assert name is not None and tag.shadow is not None
+        backend = self.backends.get(name)
+        if backend is None:  # unloaded since it was routed
+            self.metrics.shadow_answers.labels(name, "failed").inc()
+            return
+        load = backend.load()
+        busy = max(1.0, tag.shadow_slots * self.audit.max_teacher_busy)
+        if len(self.shadows) >= self.audit.max_in_flight or load.waiting or load.running >= busy:
+            self.metrics.shadow_answers.labels(name, "skipped_busy").inc()
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(record, tag.shadow, name, backend, reference)
+        )
+        self.shadows.add(task)
+        task.add_done_callback(self.shadows.discard)
+
+    async def _shadow(
+        self, teacher: TrafficRecord, request: GenerationRequest, name: str, backend: Backend,
+        reference: str,
+    ) -> None:  # fmt: skip
+        """Answer `request` on the student and queue its row: the teacher's record's facts,
+        the student's run, and the two answers' agreement. Cancelled: no row."""
+        started, clock = time.time(), time.perf_counter()
+        answer, score, status = None, None, 200
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                answer = await _generate(backend, request)
+        except Exception as exc:  # the student failing a shadow answer is no request's failure
+            status = 504 if isinstance(exc, TimeoutError) else 500
+            self.metrics.shadow_answers.labels(name, "failed").inc()
+            log.debug("traffic: shadow answer of %s by %s failed: %s", teacher.request_id,
+                      name, exc)  # fmt: skip
+        else:
+            score = agreement(answer.text, reference)
+            self.metrics.shadow_answers.labels(name, "done").inc()
+            self.metrics.shadow_agreement.labels(name).observe(score)
+        content = teacher.request is not None  # the class logs content
+        self.writer.submit(replace(
+            teacher, ts=started, request_id=request.request_id, model=name, role="student",
+            outcome="success" if answer is not None else "server_error", status=status,
+            latency_ms=(time.perf_counter() - clock) * 1000,
+            prompt_tokens=answer.prompt_tokens if answer else 0,
+            completion_tokens=answer.completion_tokens if answer else 0,
+            ttft_ms=None if answer is None or answer.ttft_s is None else answer.ttft_s * 1000,
+            route_reason=SHADOW, cost=None, agreement=score,
+            response=answer.text if answer and content else None,
+            reference=reference if content else None,
+        ))  # fmt: skip
+
     async def close(self) -> None:
-        """Cancel the audits still running (their records are queued without them)."""
-        for task in list(self.audits):
+        """Cancel the audits still running (their records are queued without them) and
+        the shadow answers (they leave no row)."""
+        running = [*self.audits, *self.shadows]
+        for task in running:
             task.cancel()
         with contextlib.suppress(Exception):
-            await asyncio.gather(*self.audits, return_exceptions=True)
+            await asyncio.gather(*running, return_exceptions=True)
+
+
+def _shadow_of(generation: GenerationRequest, student: str, router: Router) -> dict[str, Any]:
+    """The Tag fields of a shadow answer by `student`."""
+    config = router.config.model(student)
+    slots = getattr(config, "max_batch_size", None) or getattr(config, "max_connections", 1)
+    request = replace(generation, request_id=f"{generation.request_id}-shadow", stream=False)
+    return {"shadow": request, "shadow_model": student, "shadow_slots": slots}
+
+
+async def _generate(backend: Backend, request: GenerationRequest) -> Answer:
+    parts: list[str] = []
+    prompt = completion = 0
+    ttft, clock = None, time.perf_counter()
+    async with contextlib.aclosing(backend.generate(request)) as chunks:
+        async for chunk in chunks:
+            if ttft is None and chunk.text:
+                ttft = time.perf_counter() - clock
+            parts.append(chunk.text)
+            prompt = chunk.prompt_tokens or prompt
+            completion = chunk.completion_tokens or completion
+    return Answer("".join(parts), prompt, completion, ttft)
 
 
 async def _answer(backend: Backend, request: GenerationRequest) -> str:
-    parts = []
-    async with contextlib.aclosing(backend.generate(request)) as chunks:
-        async for chunk in chunks:
-            parts.append(chunk.text)
-    return "".join(parts)
+    return (await _generate(backend, request)).text

@@ -11,6 +11,12 @@ an uncertain student is trusted less.
 
 Relative quality divides by the reference teacher's accuracy on the same domain (the
 served teacher that measured best there); the reference itself is 1 by definition.
+
+A student the adaptation loop made (its manifest's `adaptation`) learned from its
+teacher's logged answers, so its in-domain accuracy is its agreement with that teacher,
+and the teacher is right by definition there: on such a domain, when the teacher has no
+measurement of its own, its quality is taken as measured 1.0, and the student's relative
+quality is its agreement's lower bound.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class Quality:
 
 
 UNKNOWN = Quality(0.0, 0.0, "unknown")
+# A teacher on the domain of a student made from its own answers: the labels are its own.
+OWN_LABELS = Quality(1.0, 1.0, "measured")
 
 
 def _estimate(interval: Interval | None) -> tuple[float, float] | None:
@@ -151,9 +159,27 @@ def build_table(
             absolute[(name, domain)] = (
                 predict_quality(manifest, domain, law) if manifest is not None else UNKNOWN
             )
+    for teacher, domain in _adapted_from(manifests):
+        manifest = manifests.get(teacher)
+        if (
+            roles.get(teacher) == "teacher"
+            and domain in domains
+            and (manifest is None or domain not in manifest.evaluation.in_domain)
+        ):
+            absolute[(teacher, domain)] = OWN_LABELS
     reference = {}
     for domain in domains:
         teachers = [n for n in manifests if roles.get(n) == "teacher"]
         ranked = sorted(teachers, key=lambda n: absolute[(n, domain)].value, reverse=True)
         reference[domain] = ranked[0] if ranked else None
     return QualityTable(absolute, reference)
+
+
+def _adapted_from(manifests: Mapping[str, Manifest | None]) -> set[tuple[str, str]]:
+    """(teacher, domain) for each student the adaptation loop made from a teacher's
+    answers: its domain is its task."""
+    return {
+        (mf.adaptation.teacher, mf.task)
+        for mf in manifests.values()
+        if mf is not None and mf.role == "student" and mf.adaptation is not None and mf.task
+    }

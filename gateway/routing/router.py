@@ -9,6 +9,11 @@ calls it every second); a request keeps the state it started with. A manifest th
 be read (malformed JSON, a field of the wrong type) never stops the reloading: routing keeps
 that model's last good manifest, logs the problem once per version of the file and counts
 it in `distillgate_registry_errors_total{model}`.
+
+Students being rolled out (`rollouts`, set by the gateway from the adaptation loop's
+state) are gated here: one in shadow or retired is never a candidate, one in canary only
+for its own domain and only for its share of those requests; and a teacher-answered
+request of a domain with a student in shadow or canary names it for a shadow answer.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.adapt.rollout import Rollout
 from gateway.config import GatewayConfig, LocalModel
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.metrics import Metrics
@@ -64,6 +70,7 @@ class Route:
     cost: float
     teacher_cost: float
     price_per_1k: float  # the chosen model's, for the cost of the tokens it really used
+    shadow: str | None = None  # a student to answer this teacher-answered request too
 
     def headers(self) -> dict[str, str]:
         return {
@@ -73,6 +80,30 @@ class Route:
             "x-distillgate-route-reason": self.reason,
             "x-distillgate-domain": self.domain,
         }
+
+
+@dataclass(frozen=True)
+class _Gates:
+    """The rollouts as route() reads them, derived once per rollouts dict: who is never a
+    candidate, who is one only for a share of its domain, and who shadows each domain."""
+
+    closed: frozenset[str]  # shadow or retired
+    canary: dict[str, tuple[str, float]]  # student -> (its domain, its share)
+    shadows: dict[str, tuple[str, ...]]  # domain -> students in shadow or canary
+
+
+NO_GATES = _Gates(frozenset(), {}, {})
+
+
+def gates_for(rollouts: Mapping[str, Rollout]) -> _Gates:
+    closed = frozenset(n for n, r in rollouts.items() if r.stage in ("shadow", "retired"))
+    canary = {n: (r.domain, r.share) for n, r in rollouts.items() if r.stage == "canary"}
+    shadows: dict[str, list[str]] = {}
+    for name in sorted(rollouts):
+        rollout = rollouts[name]
+        if rollout.stage in ("shadow", "canary"):
+            shadows.setdefault(rollout.domain, []).append(name)
+    return _Gates(closed, canary, {d: tuple(names) for d, names in shadows.items()})
 
 
 @dataclass
@@ -102,6 +133,9 @@ class Router:
     bad_manifests: dict[str, float] = field(default_factory=dict)
     prices: dict[str, float] = field(default_factory=dict)
     priced_for: tuple[Policy, _Models | None] | None = None
+    # student -> its rollout; replaced wholesale by the gateway, never mutated in place
+    rollouts: dict[str, Rollout] = field(default_factory=dict)
+    gated_for: tuple[dict[str, Rollout], _Gates] | None = None
 
     @classmethod
     def build(
@@ -249,8 +283,11 @@ class Router:
         prompt_tokens = len(text) / CHARS_PER_TOKEN
         reference = models.table.reference.get(domain)
         teacher_params = self._parameters(reference) if reference else None
+        gates = self._gates()
         candidates = []
         for name, backend in self.backends.items():
+            if gates is not NO_GATES and not self._admitted(gates, name, domain):
+                continue
             price = cost_per_1k(name, policy.costs, policy.teacher_cost_per_1k_tokens,
                                 self._parameters(name), teacher_params)  # fmt: skip
             model = self.config.model(name)
@@ -277,10 +314,46 @@ class Router:
             )
         chosen = next(c for c in candidates if c.name == decision.model)
         teacher = next((c for c in candidates if c.teacher), chosen)
+        shadow = self._shadow(gates, decision.model, domain) if gates.shadows else None
         return Route(decision.model, class_name, decision.reason, domain,
                      detection.confidence, decision.quality, slo, chosen.ttft_ms,
                      chosen.latency_ms, chosen.cost, teacher.cost,
-                     chosen.cost_per_1k)  # fmt: skip
+                     chosen.cost_per_1k, shadow)  # fmt: skip
+
+    # -- rollouts ----------------------------------------------------------------------
+
+    def _gates(self) -> _Gates:
+        """The gates of the current rollouts dict, derived once per dict (the gateway
+        replaces it wholesale, so identity says whether it changed)."""
+        rollouts = self.rollouts
+        if not rollouts:
+            return NO_GATES
+        basis = self.gated_for  # holds the dict, so identity cannot be a reused id
+        if basis is None or basis[0] is not rollouts:
+            basis = self.gated_for = (rollouts, gates_for(rollouts))
+        return basis[1]
+
+    def _admitted(self, gates: _Gates, name: str, domain: str) -> bool:
+        """Whether `name` may answer this request: never in shadow or retired; in canary
+        only for its own domain, and there for its share of the requests."""
+        if name in gates.closed:
+            return False
+        canary = gates.canary.get(name)
+        return canary is None or (canary[0] == domain and self.rng.random() < canary[1])
+
+    def _shadow(self, gates: _Gates, model: str, domain: str) -> str | None:
+        """The student to answer a teacher-answered request in the background, drawn with
+        probability shadow_share among the served ones in shadow or canary on `domain`."""
+        students = gates.shadows.get(domain)
+        config = self.config.model(model)
+        if not students or config is None or config.role != "teacher":
+            return None
+        share = self.config.adapt.rollout.shadow_share
+        draw = self.rng.random()
+        served = [s for s in students if s in self.backends]
+        if draw >= share or not served:
+            return None
+        return served[min(int(draw / share * len(served)), len(served) - 1)]
 
     def slo_class(
         self, requested: str, headers: Mapping[str, str], api_key: str | None
