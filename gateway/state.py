@@ -1,7 +1,11 @@
 """The gateway's state, built in the app's lifespan: the config, one backend per model,
-the metrics, the router of `model: "auto"`, the traffic log's recorder, and whether
-loading has finished. Reached by the endpoints through `Annotated[Gateway,
-Depends(get_gateway)]`."""
+the metrics, the router of `model: "auto"`, the traffic log's recorder, the students
+hot-added from the store, and whether loading has finished. Reached by the endpoints
+through `Annotated[Gateway, Depends(get_gateway)]`.
+
+`config` and the keys of `backends` change while serving (gateway/students.py): `config`
+is replaced whole, and `backends` is always the same dict, which the router, the recorder
+and the metrics hold."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from gateway.errors import ModelNotFound, ServiceUnavailable
 from gateway.metrics import Metrics
 from gateway.routing.policy import PolicyError
 from gateway.routing.router import Router
+from gateway.students import HotStudents
 from law.fit import FitError
 from models.backends.base import Backend
 from models.store import ModelStore, StoreError
@@ -44,6 +49,9 @@ class Gateway:
     recorder: Recorder | None = None
     writer: TrafficWriter | None = None
     writer_task: asyncio.Task[None] | None = None
+    students: HotStudents | None = None
+    # one router.refresh at a time: the refresh loop's and a hot-add's would race
+    refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     ready: bool = False
     failure: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
@@ -54,6 +62,12 @@ class Gateway:
     def backend(self, model: str) -> Backend:
         """The backend serving `model`, or the error a client should see."""
         if self.config.model(model) is None:
+            if self.students is not None and self.students.wake(model):
+                raise ServiceUnavailable(
+                    f"The model '{model}' is not loaded now (students.max_loaded="
+                    f"{self.config.students.max_loaded}); it is being loaded, retry shortly.",
+                    retry_after=2,
+                )
             available = ", ".join(m.name for m in self.config.models)
             raise ModelNotFound(
                 f"The model '{model}' does not exist. Available models: {available}.",
@@ -97,6 +111,8 @@ class Gateway:
             await self.stop()
             raise RuntimeError(self.failure) from exc
         self._open_traffic()
+        if self.config.students.from_store or self.config.traffic.enabled:
+            self.students = HotStudents(self)
         self.ready = True
         log.info("ready: %s", ", ".join(self.backends))
 
@@ -128,14 +144,26 @@ class Gateway:
         return [results[name] for name in self.backends]
 
     def _build(self) -> dict[str, Backend]:
-        make = self.factory or (lambda m: build_backend(m, self.config, self.store))
-        return {m.name: make(m) for m in self.config.models}
+        return {m.name: self.make_backend(m) for m in self.config.models}
+
+    def make_backend(self, model: ModelConfig) -> Backend:
+        """The backend of one config entry, not started (blocking: it may read files)."""
+        if self.factory is not None:
+            return self.factory(model)
+        return build_backend(model, self.config, self.store)
 
     async def refresh_routing(self, every_s: float = 1.0) -> None:
-        """Reread the routing policy and the served models' manifests, forever."""
+        """Reread the routing policy and the served models' manifests, and look for
+        students to add or remove (gateway/students.py), forever."""
         while True:
             await asyncio.sleep(every_s)
-            if self.router is not None:
+            if self.students is not None:
+                self.students.tick()  # a task of its own: a refit here must not hold it up
+            await self.refresh_router()
+
+    async def refresh_router(self) -> None:
+        if self.router is not None:
+            async with self.refreshing:
                 await asyncio.to_thread(self.router.refresh)
 
     def _open_traffic(self) -> None:
@@ -183,6 +211,8 @@ class Gateway:
 
     async def stop(self) -> None:
         self.ready = False
+        if self.students is not None:
+            await self.students.close()
         await self._close_traffic()
         self.store.release()
         await asyncio.gather(*(b.stop() for b in self.backends.values()), return_exceptions=True)
