@@ -205,10 +205,25 @@ def test_migrate_is_idempotent(log_url: str) -> None:
     first.insert([rec(0)])
     first.close()
     again = TrafficLog.open(log_url)
-    assert again.migrate() == len(MIGRATIONS) == 1
+    assert again.migrate() == len(MIGRATIONS) == 2
     assert again.count() == 1
     with again.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM distillgate_schema")).all() == [(1,)]
+        assert conn.execute(sa.text("SELECT version FROM distillgate_schema")).all() == [(2,)]
+    again.close()
+
+
+def test_a_version_1_log_gains_the_adaptation_tables(log_url: str) -> None:
+    first = TrafficLog.open(log_url)
+    first.insert([rec(0)])
+    with first.engine.begin() as conn:
+        for table in ("adapt_transitions", "adapt_rollouts", "adapt_jobs", "adapt_meta"):
+            conn.execute(sa.text(f"DROP TABLE {table}"))
+        conn.execute(sa.text("UPDATE distillgate_schema SET version = 1"))
+    first.close()
+    again = TrafficLog.open(log_url)
+    tables = set(sa.inspect(again.engine).get_table_names())
+    assert {"adapt_jobs", "adapt_rollouts", "adapt_transitions", "adapt_meta"} <= tables
+    assert again.count() == 1
     again.close()
 
 
