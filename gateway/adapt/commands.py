@@ -11,7 +11,6 @@ import itertools
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -56,11 +55,13 @@ def add_loop_commands(actions: argparse._SubParsersAction) -> None:
         cmd = actions.add_parser(action, help=helptext)
         _common(cmd)
         cmd.add_argument("student", help="the student's name (see `adapt status`)")
+        json_flag(cmd)
         cmd.set_defaults(func=_run_manual, action_name=action)
     rename = actions.add_parser("name", help="give a new traffic's task a name of your own")
     _common(rename)
     rename.add_argument("job", help="the job's id, fingerprint or current name")
     rename.add_argument("new_name", metavar="NAME", help="letters, digits, '-', '_', '.'")
+    json_flag(rename)
     rename.set_defaults(func=_run_name)
 
 
@@ -229,8 +230,10 @@ def _run_manual(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(str(exc)) from None
         ctx.state.apply(rollout, transition, time.time(), ctx.log.last_id())
-    print(f"{args.student}: {transition.before} -> {transition.after} (share {transition.share:g})")
-    return 0
+    data = {"student": args.student, "from": transition.before, "to": transition.after,
+            "share": transition.share, "reason": transition.reason}  # fmt: skip
+    text = f"{args.student}: {transition.before} -> {transition.after} (share {transition.share:g})"
+    return emit(args.json, data, text)
 
 
 def _run_name(args: argparse.Namespace) -> int:
@@ -248,5 +251,5 @@ def _run_name(args: argparse.Namespace) -> int:
         if task and Path(task).is_file():
             rename_task(Path(task), args.new_name)
         ctx.state.update_job(job.id, name=args.new_name)
-    print(f"job {job.id}: {job.name} -> {args.new_name}", file=sys.stderr)
-    return 0
+    data = {"job": job.id, "from": job.name, "to": args.new_name}
+    return emit(args.json, data, f"job {job.id}: {job.name} -> {args.new_name}")
