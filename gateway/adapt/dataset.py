@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,20 +15,10 @@ from typing import Any
 
 from gateway.adapt.log import TrafficLog
 from gateway.adapt.records import TrafficRecord
-from gateway.adapt.traffic_cli import SKIP_REASONS, label_of
+from gateway.adapt.traffic_cli import Row, labelled
 
 PAGE = 1_000
 SPLIT_NAMES = ("train", "validation", "test")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One labelled request: when it was logged, its request id, prompt and teacher answer."""
-
-    ts: float
-    id: str
-    prompt: str
-    answer: str
 
 
 @dataclass(frozen=True)
@@ -61,28 +50,6 @@ def _records(log: TrafficLog, fingerprint: str) -> Iterator[TrafficRecord]:
     while page := log.read(after, PAGE, fingerprint=fingerprint, content=True):
         yield from (s.record for s in page)
         after = page[-1].id
-
-
-def labelled(
-    records: Iterable[TrafficRecord], limit: int | None = None
-) -> tuple[list[Row], dict[str, int]]:
-    """The rows `records` give, in their order (at most `limit`), the first of each prompt
-    kept, and the skipped counts by reason (only of the records looked at)."""
-    rows: list[Row] = []
-    skipped: Counter[str] = Counter()
-    seen: set[str] = set()
-    for record in records:
-        if limit is not None and len(rows) >= limit:
-            break
-        label = label_of(record)
-        if isinstance(label, str):
-            skipped[label] += 1
-        elif label[0] in seen:
-            skipped["duplicate"] += 1
-        else:
-            seen.add(label[0])
-            rows.append(Row(record.ts, record.request_id, *label))
-    return rows, {reason: skipped[reason] for reason in SKIP_REASONS}
 
 
 def usable_rows(log: TrafficLog, fingerprint: str, enough: int | None = None) -> int:

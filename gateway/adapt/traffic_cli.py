@@ -232,9 +232,22 @@ def label_of(record: TrafficRecord) -> tuple[str, str] | str:
     return "unreadable" if prompt is None else (prompt, answer)
 
 
-def task_rows(records: Iterable[TrafficRecord], limit: int | None = None) -> Export:
-    """The loader-ready rows of `records` (at most `limit`), each prompt once."""
-    rows: list[dict[str, str]] = []
+@dataclass(frozen=True)
+class Row:
+    """One labelled request: when it was logged, its request id, prompt and teacher answer."""
+
+    ts: float
+    id: str
+    prompt: str
+    answer: str
+
+
+def labelled(
+    records: Iterable[TrafficRecord], limit: int | None = None
+) -> tuple[list[Row], dict[str, int]]:
+    """The rows `records` give, in their order (at most `limit`), the first of each prompt
+    kept, and the skipped counts by reason (only of the records looked at)."""
+    rows: list[Row] = []
     skipped: Counter[str] = Counter()
     seen: set[str] = set()
     for record in records:
@@ -247,8 +260,15 @@ def task_rows(records: Iterable[TrafficRecord], limit: int | None = None) -> Exp
             skipped["duplicate"] += 1
         else:
             seen.add(label[0])
-            rows.append({"prompt": label[0], "answer": label[1], "id": record.request_id})
-    return Export(tuple(rows), {r: skipped[r] for r in SKIP_REASONS})
+            rows.append(Row(record.ts, record.request_id, *label))
+    return rows, {reason: skipped[reason] for reason in SKIP_REASONS}
+
+
+def task_rows(records: Iterable[TrafficRecord], limit: int | None = None) -> Export:
+    """The loader-ready rows of `records` (at most `limit`), each prompt once."""
+    rows, skipped = labelled(records, limit)
+    return Export(tuple({"prompt": r.prompt, "answer": r.answer, "id": r.id} for r in rows),
+                  skipped)  # fmt: skip
 
 
 def _records(log: TrafficLog, fingerprint: str, since: float | None) -> Iterator[TrafficRecord]:

@@ -21,7 +21,6 @@ from tests.servers import free_port, gateway
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
 def instant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The instant OpenAI-compatible server (gateway/instant.py) as the teacher."""
     port = free_port()

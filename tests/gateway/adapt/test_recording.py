@@ -21,7 +21,7 @@ from tests.servers import free_port
 SYSTEM = {"role": "system", "content": "You label headlines."}
 
 
-def _records(url: str, count: int) -> list[TrafficRecord]:
+def records_in(url: str, count: int) -> list[TrafficRecord]:
     log = TrafficLog.open(url)
     try:
         for _ in range(100):  # the app's shutdown flushed; PostgreSQL may lag a moment
@@ -55,7 +55,7 @@ def test_requests_are_recorded_with_content_by_class(log_url: str) -> None:
         big.fail_before = RuntimeError("the teacher fell over")
         with pytest.raises(openai.InternalServerError):
             sdk.chat.completions.create(model="big", messages=messages)
-    rows = _records(log_url, 4)
+    rows = records_in(log_url, 4)
     assert len(rows) == 4
     plain, streamed, exact, failed = rows
     for row in (plain, streamed):
@@ -91,7 +91,7 @@ def test_a_student_answer_is_audited_by_the_teacher(log_url: str) -> None:
                 break
             time.sleep(0.01)
         metrics = http.get("/metrics").text
-    [row] = _records(log_url, 1)
+    [row] = records_in(log_url, 1)
     assert big.seen[0].request_id.endswith("-audit")
     assert row.model == "small" and row.response == "Acme missed"
     assert row.reference == "Acme beat" and row.agreement is not None and 0 <= row.agreement < 1

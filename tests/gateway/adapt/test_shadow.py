@@ -22,6 +22,7 @@ from gateway.adapt.state import AdaptState
 from gateway.app import create_app
 from gateway.config import parse_config
 from models.backends.base import BackendError
+from tests.gateway.adapt.test_recording import records_in
 from tests.gateway.scripted import ScriptedBackend, sdk_for, wait_ready
 
 TEACHER = ("Acme beat estimates on strong cloud sales", " and raised its full year guidance")
@@ -73,19 +74,6 @@ def _settle(*backends: ScriptedBackend, count: int) -> None:
         time.sleep(0.01)
 
 
-def _rows(url: str, count: int) -> list[TrafficRecord]:
-    log = TrafficLog.open(url)
-    try:
-        for _ in range(100):
-            rows = log.read(content=True)
-            if len(rows) >= count:
-                return [r.record for r in rows]
-            time.sleep(0.05)
-        return [r.record for r in log.read(content=True)]
-    finally:
-        log.close()
-
-
 def test_a_shadow_answer_is_logged_with_its_agreement(tmp_path: Path) -> None:
     url, rollouts = _url(tmp_path), [_rollout("shadow")]
     big, small = ScriptedBackend("big", pieces=TEACHER), ScriptedBackend("small", pieces=STUDENT)
@@ -97,7 +85,7 @@ def test_a_shadow_answer_is_logged_with_its_agreement(tmp_path: Path) -> None:
         assert reply.parse().choices[0].message.content == "".join(TEACHER)
         _settle(small, count=1)
         metrics = http.get("/metrics").text
-    teacher, shadow = _rows(url, 2)
+    teacher, shadow = records_in(url, 2)
     assert teacher.model == "big" and teacher.route_reason != SHADOW
     assert teacher.agreement is None and teacher.response == "".join(TEACHER)
     assert small.seen[0].request_id == shadow.request_id == f"{teacher.request_id}-shadow"
@@ -122,7 +110,7 @@ def test_a_class_without_content_keeps_the_score_only(tmp_path: Path) -> None:
             model="auto", messages=ASK, extra_headers={"x-distillgate-slo": "exact"}
         )
         _settle(small, count=1)
-    teacher, shadow = _rows(url, 2)
+    teacher, shadow = records_in(url, 2)
     assert teacher.slo_class == shadow.slo_class == "exact" and shadow.route_reason == SHADOW
     assert shadow.request is shadow.response is shadow.reference is None
     assert shadow.agreement == 1.0
@@ -146,7 +134,7 @@ def test_a_busy_student_is_skipped_and_a_failing_one_logged(tmp_path: Path) -> N
         sdk.chat.completions.create(model="auto", messages=ASK)
         _settle(small, count=1)
         metrics = http.get("/metrics").text
-    busy, teacher, failed = _rows(url, 3)
+    busy, teacher, failed = records_in(url, 3)
     assert busy.model == teacher.model == "big" and busy.outcome == teacher.outcome == "success"
     assert failed.request_id == f"{teacher.request_id}-shadow" and failed.route_reason == SHADOW
     assert failed.outcome == "server_error" and failed.status == 500
@@ -168,7 +156,7 @@ def test_a_rolling_student_is_audited_at_the_rollout_share(tmp_path: Path) -> No
         sdk.chat.completions.create(model="other", messages=ASK)
         sdk.chat.completions.create(model="small", messages=ASK)
         _settle(big, count=1)
-    plain, audited = _rows(url, 2)
+    plain, audited = records_in(url, 2)
     assert plain.model == "other" and plain.agreement is None
     assert audited.model == "small" and audited.route_reason is None
     assert audited.agreement == agreement("".join(STUDENT), "".join(TEACHER))
