@@ -77,10 +77,25 @@ class AdaptProcess:
         self.watcher = Watcher(self.ctx.log, Detectors(detect), self.metrics)
         stored = self.ctx.state.get(CURSOR_KEY)
         if stored is None:
-            self.watcher.warm_up(detect.window * 4)
+            self._first_start(detect.window * 4)
         else:
             self.watcher.resume(int(stored), detect.window * 4)
         self._recover()
+
+    def _first_start(self, rows: int) -> None:
+        """The first start on a database: warm the detectors on its recent rows, and act
+        on new traffic found there that still holds (a shift already under way when the
+        loop is first started must not be missed; the jobs table keeps it from being
+        acted on twice)."""
+        found: list[ShiftEvent] = []
+        self.watcher.warm_up(rows, found)
+        new = self.watcher.detectors.new_traffic
+        holding = [e for e in found if e.kind == "new_traffic" and new.holds(e.key)]
+        if holding:
+            self.ctx.log.add_events(holding)
+        for event in holding:
+            self.metrics.events.labels(event.kind).inc()
+            self.on_event(event)
 
     def _recover(self) -> None:
         """Jobs left `running` by a process that died: complete those whose student is

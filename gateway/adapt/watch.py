@@ -58,8 +58,9 @@ class Watcher:
         if self.log.engine.dialect.name == "postgresql":
             self.horizon = self.log.last_id()
 
-    def warm_up(self, rows: int) -> int:
-        """Feed the last `rows` rows without reporting; returns how many were fed."""
+    def warm_up(self, rows: int, found: list[ShiftEvent] | None = None) -> int:
+        """Feed the last `rows` rows without reporting (the events they trigger go to
+        `found` when given); returns how many were fed."""
         last = self.log.last_id()
         self.cursor = max(0, last - rows)
         fed = 0
@@ -68,7 +69,9 @@ class Watcher:
             if not batch:
                 break
             for row in batch:
-                self.detectors.update(observation(row))
+                events = self.detectors.update(observation(row))
+                if found is not None:
+                    found += events
             self.cursor, fed = batch[-1].id, fed + len(batch)
         return fed
 

@@ -165,3 +165,19 @@ def test_restart_completes_a_registered_student_and_requeues_the_rest(loop) -> N
     assert ctx.state.job("fpnew").status == "registered"
     assert ctx.state.rollout(job.student).stage == "shadow"
     assert ctx.state.job("fpother").status == "pending"
+
+
+def test_a_shift_under_way_at_first_start_is_acted_on(tmp_path: Path, tiny_model_dir: Path) -> None:
+    store = _store(tmp_path, tiny_model_dir)
+    ctx = _context(tmp_path, store, 0.0)
+    ctx.log.insert([_row(i) for i in range(600)])
+    _shift(ctx.log, 1000, 300)  # before the loop first starts on this database
+    process = AdaptProcess(ctx, AdaptMetrics())
+    job = ctx.state.job("fpnew")
+    assert job is not None and job.status == "pending"
+    assert [e.kind for _, e in ctx.log.events()] == ["new_traffic"]
+    process.cycle(inline=True)
+    assert ctx.state.job("fpnew").status == "registered"
+    # a restart (the cursor is stored) does not report it again
+    AdaptProcess(ctx, AdaptMetrics()).cycle(inline=True)
+    assert len(ctx.log.events()) == 1
