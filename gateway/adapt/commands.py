@@ -90,16 +90,24 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
 
 
 @contextlib.contextmanager
-def context(args: argparse.Namespace, progress: bool = False) -> Iterator[Context]:
-    """The loop's context for one command: config, store, log, state, law, policy."""
+def context(
+    args: argparse.Namespace, progress: bool = False, create: bool = False
+) -> Iterator[Context]:
+    """The loop's context for one command: config, store, log, state, law, policy. Only
+    the loop itself (`create`) makes a SQLite log that is not there yet."""
     from gateway.adapt.job import Context
-    from gateway.adapt.log import TrafficLog, TrafficLogError, database_url
+    from gateway.adapt.log import TrafficLog, TrafficLogError, database_url, sqlite_path
     from gateway.adapt.state import AdaptState
     from gateway.routing.policy import PolicyError, PolicyFile
     from models.store import ModelStore
 
     config = _config(args)
     store = ModelStore(args.store or config.store or os.environ.get(STORE_ENV) or None)
+    if not create and config.traffic.dsn is None and not sqlite_path(store.root).is_file():
+        raise CliError(
+            f"no traffic log at {sqlite_path(store.root)}; start `distillgate serve` (or "
+            "`adapt run`) on this store first, or pass --store / --dsn"
+        )
     try:
         log_ = TrafficLog.open(database_url(config.traffic.dsn, store.root))
     except TrafficLogError as exc:
@@ -130,7 +138,7 @@ def _run_loop(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    with context(args, progress=not args.no_progress) as ctx:
+    with context(args, progress=not args.no_progress, create=True) as ctx:
         adapt = ctx.config.adapt
         interval = getattr(args, "interval", None) or adapt.interval_s
         if interval <= 0:
