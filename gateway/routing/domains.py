@@ -144,13 +144,30 @@ def task_examples(domains: Iterable[str], split: str) -> list[tuple[str, str]]:
     from models.tasks import get_task, task_names
 
     wanted = set(domains) - {GENERAL}
+    tasks = {name: get_task(name) for name in sorted(wanted | set(task_names()))}
+    claimed = _templates([tasks[n] for n in wanted])
     out = []
-    for name in sorted(wanted | set(task_names())):
+    for name, task in tasks.items():
         label = name if name in wanted else GENERAL
-        task = get_task(name)
+        if label == GENERAL and _templates([task]) & claimed:
+            continue  # a student's task made from traffic of this template: not general
         rows = task.examples(split) or (task.examples("validation") if split == "train" else [])
         out.extend((e.prompt, label) for e in rows)
     return out
+
+
+def _templates(tasks: Iterable, sample: int = 50) -> set[str]:
+    """The template fingerprints of the tasks' first prompts, as the traffic log takes
+    them: a task the adaptation loop built from logged traffic may be the very traffic a
+    built-in task generates (the benchmark's support tickets), and must not also be
+    taught to the detector as general."""
+    from gateway.adapt.fingerprint import fingerprint
+
+    found = set()
+    for task in tasks:
+        rows = task.examples("train", sample) or task.examples("validation", sample)
+        found |= {fingerprint([{"role": "user", "content": e.prompt}]) for e in rows}
+    return found
 
 
 def fit_for(domains: Iterable[str]) -> tuple[DomainDetector, float]:

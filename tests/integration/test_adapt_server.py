@@ -7,6 +7,7 @@ child killed with SIGKILL mid-way is restarted by the gateway, and stops with it
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -46,6 +47,9 @@ def _config(tmp: Path, url: str, db: Path, base: Path) -> dict:
     policy = tmp / "policy.yaml"
     policy.write_text(yaml.safe_dump({
         "classes": {"any": {"min_quality": 0.0, "log_content": True}}, "default_class": "any",
+        # a remote teacher has no parameter count to scale prices by: it is priced here,
+        # and every other model at teacher_cost_per_1k_tokens
+        "costs": {"teacher": 1.0}, "teacher_cost_per_1k_tokens": 0.1,
     }))  # fmt: skip
     return {
         "models": [{"name": "teacher", "backend": "openai", "role": "teacher", "url": url,
@@ -66,7 +70,7 @@ def test_remote_teacher_new_traffic_to_a_live_student(
     tmp_path: Path, tiny_model_dir: Path, instant: str
 ) -> None:
     db = tmp_path / "traffic.db"
-    prompts = [e.prompt for e in get_task("support-tickets").examples("test", 2000)]
+    prompts = [e.prompt for e in get_task("support-tickets").examples("test", 500)]
     routed: list[str] = []
     stop = threading.Event()
     config = _config(tmp_path, instant, db, tiny_model_dir)
@@ -74,7 +78,7 @@ def test_remote_teacher_new_traffic_to_a_live_student(
         sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=2)
 
         def send() -> None:
-            for prompt in prompts:
+            for prompt in itertools.cycle(prompts):  # until told to stop
                 if stop.is_set():
                     return
                 raw = sdk.chat.completions.with_raw_response.create(
