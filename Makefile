@@ -60,9 +60,10 @@ bench-local: install
 
 # The adaptation loop in a few minutes: the real gateway and teacher with `--adapt`, support
 # tickets rising to 30% of the traffic, each step printed as it happens (small settings:
-# the new traffic is sent as class `cheapest`, min_quality 0, so that a small test split
-# can pass the gate; bench/adapt/run.py with its defaults is the measured run).
+# the new traffic is sent as class `demo`, min_quality 0 with its content logged, so that a
+# small test split can pass the gate; bench/adapt/run.py with its defaults is the measured
+# run).
 demo: install
-	$(BIN)/python -m bench.adapt.run --store var/demo --out var/demo/out --phase1-s 30 \
-		--rate 3 --min-examples 60 --test-share 0.3 --min-pairs 30 --step-pairs 15 \
-		--after-live 20 --ratios 0.5 --epochs 1 --klass cheapest --max-minutes 12 $(ARGS)
+	$(BIN)/python -m bench.adapt.run --store var/demo --out var/demo/out --phase1-s 20 \
+		--rate 1.5 --min-examples 50 --test-share 0.3 --min-pairs 20 --step-pairs 10 \
+		--after-live 20 --ratios 0.5 --epochs 1 --klass demo --max-minutes 12 $(ARGS)

@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def write_config(args: argparse.Namespace, scratch: Path, metrics_port: int) -> Path:
-    """The shipped policy; support tickets arrive as class `batch` (min_quality 0.9)."""
+    """The shipped policy (and a `demo` class); support tickets arrive as `--klass`
+    (default `batch`, min_quality 0.9)."""
     config = {
         "models": [{"name": "smollm2-135m-instruct", "backend": "local", "role": "teacher"}],
         "routing": {"policy": str(shipped("policy.yaml"))},
@@ -95,6 +96,11 @@ def write_config(args: argparse.Namespace, scratch: Path, metrics_port: int) -> 
                         "shadow_share": 0.5, "audit_share": 0.2},
         },
     }  # fmt: skip
+    # the shipped policy, plus `demo`: no quality bound, content logged (for `make demo`)
+    policy = yaml.safe_load(shipped("policy.yaml").read_text())
+    policy["classes"]["demo"] = {"min_quality": 0.0, "log_content": True}
+    (scratch / "policy.yaml").write_text(yaml.safe_dump(policy))
+    config["routing"]["policy"] = str(scratch / "policy.yaml")
     path = scratch / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
