@@ -19,26 +19,13 @@ from gateway.routing.domains import GENERAL, DomainDetector
 from gateway.routing.policy import PolicyFile
 from gateway.routing.quality import OWN_LABELS, Quality, QualityTable, build_table
 from gateway.routing.router import Router, _Models
-from models.backends.base import Load, ModelCard
 from models.store import Adaptation, Evaluation, Interval, Manifest, ModelStore
+from tests.gateway.routing.test_router import Idle
 
 FINANCE = "finance"
 # texts the fitted detector tells apart with confidence
 FINANCE_TEXT = "stock shares earnings dividend market quarterly profit"
 GENERAL_TEXT = "hello weather garden poem recipe holiday"
-
-
-class Idle:
-    """A served model as routing sees it (nothing is generated)."""
-
-    def __init__(self, name: str, parameters: int) -> None:
-        self._card = ModelCard(name, "openai", parameters=parameters)
-
-    def card(self) -> ModelCard:
-        return self._card
-
-    def load(self) -> Load:
-        return Load()
 
 
 def _detector() -> DomainDetector:
