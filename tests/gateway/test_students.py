@@ -160,6 +160,7 @@ def test_hot_add_under_load_loses_no_request(store: ModelStore, tiny_model_dir: 
     assert not store.leases()  # released on stop
 
 
+@pytest.mark.slow  # a gateway on a real model, waiting for discovery passes
 def test_broken_entry_is_skipped_and_logged_once(
     store: ModelStore, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
