@@ -72,6 +72,12 @@ class VLLMModel(_Strict):
 ModelConfig = Annotated[LocalModel | OpenAIModel | VLLMModel, Field(discriminator="backend")]
 
 
+def slots_of(model: ModelConfig | None) -> int:
+    """How many requests a model runs at once: a local model's batch, a remote one's
+    connections (1 when unknown)."""
+    return getattr(model, "max_batch_size", None) or getattr(model, "max_connections", 1)
+
+
 class Limits(_Strict):
     queue_size: int = Field(64, ge=1, le=100_000)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=1_073_741_824)

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from gateway.config import GatewayConfig, LocalModel, ModelConfig, OpenAIModel, VLLMModel
+from gateway.config import (
+    GatewayConfig,
+    LocalModel,
+    ModelConfig,
+    OpenAIModel,
+    VLLMModel,
+    slots_of,
+)
 from gateway.errors import ModelNotFound, ServiceUnavailable
 from gateway.metrics import Metrics
 from gateway.routing.policy import PolicyError
@@ -191,7 +198,7 @@ class Gateway:
         )
         metrics.traffic_queue.set_function(lambda: writer.depth)
         teacher = next((m for m in self.config.models if m.role == "teacher"), None)
-        slots = getattr(teacher, "max_batch_size", None) or getattr(teacher, "max_connections", 1)
+        slots = slots_of(teacher)
         self.recorder = Recorder(
             writer, traffic.audit, self.backends, (teacher.name, slots) if teacher else None,
             metrics, self.config.limits.request_timeout_s,

@@ -37,7 +37,7 @@ from gateway.adapt.agreement import agreement
 from gateway.adapt.fingerprint import fingerprint
 from gateway.adapt.records import SHADOW, TrafficRecord
 from gateway.adapt.writer import TrafficWriter
-from gateway.config import Audit
+from gateway.config import Audit, slots_of
 from gateway.metrics import Metrics
 from gateway.routing.router import Route, Router, api_key_of
 from models.backends.base import Backend, GenerationRequest
@@ -223,6 +223,11 @@ class Recorder:
         backend = self.backends.get(name)
         if backend is None or len(self.audits) >= self.audit.max_in_flight:
             return False
+        return self._idle(backend, slots)
+
+    def _idle(self, backend: Backend, slots: int) -> bool:
+        """Whether a background answer may run on `backend` now: nothing waiting there,
+        fewer than `max_teacher_busy` of its slots running (audits and shadows alike)."""
         load = backend.load()
         return load.waiting == 0 and load.running < max(1.0, slots * self.audit.max_teacher_busy)
 
@@ -253,9 +258,8 @@ class Recorder:
         if backend is None:  # unloaded since it was routed
             self.metrics.shadow_answers.labels(name, "failed").inc()
             return
-        load = backend.load()
-        busy = max(1.0, tag.shadow_slots * self.audit.max_teacher_busy)
-        if len(self.shadows) >= self.audit.max_in_flight or load.waiting or load.running >= busy:
+        full = len(self.shadows) >= self.audit.max_in_flight
+        if full or not self._idle(backend, tag.shadow_slots):
             self.metrics.shadow_answers.labels(name, "skipped_busy").inc()
             return
         task = asyncio.get_running_loop().create_task(
@@ -309,8 +313,7 @@ class Recorder:
 
 def _shadow_of(generation: GenerationRequest, student: str, router: Router) -> dict[str, Any]:
     """The Tag fields of a shadow answer by `student`."""
-    config = router.config.model(student)
-    slots = getattr(config, "max_batch_size", None) or getattr(config, "max_connections", 1)
+    slots = slots_of(router.config.model(student))
     request = replace(generation, request_id=f"{generation.request_id}-shadow", stream=False)
     return {"shadow": request, "shadow_model": student, "shadow_slots": slots}
 
