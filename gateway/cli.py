@@ -86,9 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = load_config(settings.config)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    if settings.traffic_dsn:
-        traffic = config.traffic.model_copy(update={"dsn": settings.traffic_dsn})
-        config = config.model_copy(update={"traffic": traffic})
+    config = config.with_traffic_dsn(settings.traffic_dsn)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )

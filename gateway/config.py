@@ -225,6 +225,13 @@ class GatewayConfig(_Strict):
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
+    def with_traffic_dsn(self, dsn: str | None) -> GatewayConfig:
+        """This config with the traffic log at `dsn` (the environment's or a flag's,
+        which win over the file's); unchanged when `dsn` is empty."""
+        if not dsn:
+            return self
+        return self.model_copy(update={"traffic": self.traffic.model_copy(update={"dsn": dsn})})
+
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message lists every problem."""

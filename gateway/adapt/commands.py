@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.adapt.traffic_cli import DSN_ENV
 from law.cli import CliError, emit, json_flag
 from models.cli import STORE_ENV
 
@@ -81,12 +82,7 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
         config = load_config(args.config)
     except ConfigError as exc:
         raise CliError(" ".join(str(exc).split())) from None
-    dsn = args.dsn or os.environ.get("DISTILLGATE_TRAFFIC_DSN")
-    if dsn:
-        config = config.model_copy(
-            update={"traffic": config.traffic.model_copy(update={"dsn": dsn})}
-        )
-    return config
+    return config.with_traffic_dsn(args.dsn or os.environ.get(DSN_ENV))
 
 
 @contextlib.contextmanager
