@@ -1,13 +1,17 @@
 """Every Prometheus metric of the gateway, prefix `distillgate_`, label `model`, base units.
 
 Built per app (its own CollectorRegistry, no module globals), so several gateways can
-live in one process in tests. Queue depth is read from the backends at scrape time.
+live in one process in tests. Queue depth and capacity are read from the backends, and
+their health checked, at scrape time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -21,6 +25,7 @@ E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 30
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4)
 AGREEMENT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+HEALTH_TIMEOUT_S = 2.0  # a backend that cannot say it is healthy this fast is not ready
 
 
 class Metrics:
@@ -174,10 +179,31 @@ class Metrics:
             buckets=AGREEMENT_BUCKETS,
             registry=r,
         )
+        self.model_ready = Gauge(
+            "distillgate_model_ready",
+            "1 when a model is loaded and its backend says it is healthy, checked at each "
+            "scrape; 0 otherwise.",
+            ["model"],
+            registry=r,
+        )
+        Gauge("distillgate_build_info", "1, labelled with the running version.", ["version"],
+              registry=r).labels(_version()).set(1)  # fmt: skip
         for reason in ("queue_full", "database", "closed"):  # zeros to alert on
             self.traffic_dropped.labels(reason)
         r.register(_LoadCollector(backends))
         self._models: dict[str, ModelMetrics] = {}
+        self._checked: set[str] = set()  # models with a distillgate_model_ready series
+
+    async def check_models(self, backends: Mapping[str, Backend], loaded: bool) -> None:
+        """Set `distillgate_model_ready` from each backend's health (all 0 until the gateway
+        has loaded its models); models no longer served lose their series."""
+        names = list(backends)
+        healthy = await asyncio.gather(*(_healthy(backends[n]) for n in names))
+        for name, ok in zip(names, healthy, strict=True):
+            self.model_ready.labels(name).set(float(loaded and ok))
+        for name in self._checked - set(names):
+            self.model_ready.remove(name)
+        self._checked = set(names)
 
     def for_model(self, model: str) -> ModelMetrics:
         """`model`'s label-bound children, made once: labels() takes a lock and a dict
@@ -207,6 +233,19 @@ class ModelMetrics:
     batch_size: Histogram
 
 
+async def _healthy(backend: Backend) -> bool:
+    with contextlib.suppress(Exception):  # a failing health check is the answer, not an error
+        return await asyncio.wait_for(backend.health(), HEALTH_TIMEOUT_S)
+    return False
+
+
+def _version() -> str:
+    try:
+        return version("distillgate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 class _LoadCollector:
     """Queue depth and running requests as each backend reports them at scrape time."""
 
@@ -223,9 +262,17 @@ class _LoadCollector:
         running = GaugeMetricFamily(
             "distillgate_backend_running", "Requests a backend is running now.", labels=["model"]
         )
+        capacity = GaugeMetricFamily(
+            "distillgate_queue_capacity",
+            "Requests that may wait for a backend before it answers 429 (local backends).",
+            labels=["model"],
+        )
         for name, backend in self.backends().items():
             load = backend.load()
             waiting.add_metric([name], load.waiting)
             running.add_metric([name], load.running)
+            if load.capacity is not None:
+                capacity.add_metric([name], load.capacity)
         yield waiting
         yield running
+        yield capacity

@@ -62,6 +62,11 @@ class AdaptMetrics(WatchMetrics):
         self.cycles = Counter("distillgate_adapt_cycles", "Cycles of the adapt loop.", registry=r)
         for status in JOB_STATUSES:
             self.jobs.labels(status)
+        # Zeros for every move out of a live stage, so that an alert's increase() sees the
+        # first rollback (a series born at 1 shows no increase).
+        for before in STAGES[:-1]:
+            for after in STAGES:
+                self.transitions.labels(before, after)
 
 
 @dataclass

@@ -40,4 +40,5 @@ async def ready(gw: GatewayDep) -> Response:
 
 @router.get("/metrics")
 async def metrics(gw: GatewayDep) -> Response:
+    await gw.metrics.check_models(gw.backends, loaded=gw.ready)
     return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)

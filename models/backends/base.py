@@ -112,10 +112,12 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class Load:
-    """A snapshot of a backend's work: requests waiting for a slot and running now."""
+    """A snapshot of a backend's work: requests waiting for a slot and running now, and
+    how many may wait before it refuses more (None: it does not queue, e.g. remote)."""
 
     waiting: int = 0
     running: int = 0
+    capacity: int | None = None
 
 
 @runtime_checkable

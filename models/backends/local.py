@@ -268,7 +268,7 @@ class LocalBackend:
         )
 
     def load(self) -> Load:
-        return Load(waiting=len(self._waiting), running=len(self._rows))
+        return Load(waiting=len(self._waiting), running=len(self._rows), capacity=self.queue_size)
 
     # -- event-loop side -----------------------------------------------------------
 

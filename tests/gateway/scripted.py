@@ -41,6 +41,8 @@ class ScriptedBackend:
     running: int = 0
     cancelled: int = 0
     started: bool = False
+    healthy: bool = True
+    capacity: int | None = None  # reported in load(), like a local backend's queue_size
 
     async def start(self) -> None:
         self.started = True
@@ -49,13 +51,13 @@ class ScriptedBackend:
         self.started = False
 
     async def health(self) -> bool:
-        return self.started
+        return self.started and self.healthy
 
     def card(self) -> ModelCard:
         return ModelCard(name=self.name, backend="scripted", context_length=self.context_length)
 
     def load(self) -> Load:
-        return Load(waiting=0, running=self.running)
+        return Load(waiting=0, running=self.running, capacity=self.capacity)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self.seen.append(request)

@@ -273,6 +273,24 @@ def test_metrics(sdk: openai.OpenAI, http: TestClient, backend: ScriptedBackend)
     assert 'distillgate_requests_in_flight{model="tiny"} 0.0' in text
 
 
+def test_metrics_check_health_and_capacity_at_scrape() -> None:
+    """distillgate_model_ready follows each backend's health at every scrape; the queue
+    capacity is exported for backends that queue; the version is labelled."""
+    queued, remote = ScriptedBackend("queued", capacity=64), ScriptedBackend("remote")
+    with scripted_app({"queued": queued, "remote": remote}) as http:
+        wait_ready(http)
+        text = http.get("/metrics").text
+        assert 'distillgate_model_ready{model="queued"} 1.0' in text
+        assert 'distillgate_model_ready{model="remote"} 1.0' in text
+        assert 'distillgate_queue_capacity{model="queued"} 64.0' in text
+        assert 'distillgate_queue_capacity{model="remote"}' not in text
+        assert "distillgate_build_info{version=" in text
+        remote.healthy = False
+        text = http.get("/metrics").text
+        assert 'distillgate_model_ready{model="remote"} 0.0' in text
+        assert 'distillgate_model_ready{model="queued"} 1.0' in text
+
+
 def test_not_ready_is_503() -> None:
     class Slow(ScriptedBackend):
         async def start(self) -> None:
@@ -286,3 +304,4 @@ def test_not_ready_is_503() -> None:
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         r = client.post("/v1/chat/completions", json=_chat())
         assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        assert 'distillgate_model_ready{model="tiny"} 0.0' in client.get("/metrics").text

@@ -277,6 +277,7 @@ async def test_full_queue_is_overloaded(tiny_model_dir: Path) -> None:
         await wait_for(lambda: b.load().running == 1)
         waiting = asyncio.create_task(collect(b, raw("Twice", max_tokens=2)))
         await wait_for(lambda: b.load().waiting == 1)
+        assert b.load().capacity == 1
         with pytest.raises(Overloaded, match="queue_size=1") as info:
             await collect(b, raw("Thrice", max_tokens=2))
         assert info.value.retry_after > 0
