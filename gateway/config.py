@@ -197,6 +197,19 @@ class Routing(_Strict):
     law: Path | None = None
 
 
+class Tracing(_Strict):
+    """Optional OpenTelemetry tracing (gateway/tracing.py): one span per request that
+    reaches a model, exported over OTLP/HTTP. `enabled` unset: on when an endpoint is
+    configured, here or in the environment's OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+    OTEL_EXPORTER_OTLP_ENDPOINT; OTEL_SDK_DISABLED=true turns it off whatever this says.
+    Needs the `otel` extra."""
+
+    enabled: bool | None = None
+    endpoint: Annotated[str, Field(pattern=r"^https?://")] | None = None  # .../v1/traces
+    service_name: Name = "distillgate"
+    sample_ratio: float = Field(1.0, ge=0, le=1)  # of traces started here (parents decide)
+
+
 class GatewayConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     limits: Limits = Limits()
@@ -204,6 +217,7 @@ class GatewayConfig(_Strict):
     traffic: Traffic = Traffic()
     adapt: Adapt = Adapt()
     students: Students = Students()
+    tracing: Tracing = Tracing()
     store: Path | None = None
     # torch's intra-op threads for every in-process model (process-wide: set once at
     # start). None: all cores. Lower it when other work shares the machine.

@@ -1,7 +1,7 @@
 """The gateway's state, built in the app's lifespan: the config, one backend per model,
 the metrics, the router of `model: "auto"`, the traffic log's recorder, the students
-hot-added from the store, and whether loading has finished. Reached by the endpoints
-through `Annotated[Gateway, Depends(get_gateway)]`.
+hot-added from the store, the request tracer (when tracing is on), and whether loading
+has finished. Reached by the endpoints through `Annotated[Gateway, Depends(get_gateway)]`.
 
 `config` and the keys of `backends` change while serving (gateway/students.py): `config`
 is replaced whole, and `backends` is always the same dict, which the router, the recorder
@@ -32,6 +32,7 @@ from gateway.metrics import Metrics
 from gateway.routing.policy import PolicyError
 from gateway.routing.router import Router
 from gateway.students import HotStudents
+from gateway.tracing import RequestTracer, build_tracer
 from law.fit import FitError
 from models.backends.base import Backend
 from models.store import ModelStore, StoreError
@@ -57,6 +58,7 @@ class Gateway:
     writer: TrafficWriter | None = None
     writer_task: asyncio.Task[None] | None = None
     students: HotStudents | None = None
+    tracer: RequestTracer | None = None  # None: tracing off (the default)
     # one router.refresh at a time: the refresh loop's and a hot-add's would race
     refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     ready: bool = False
@@ -89,6 +91,7 @@ class Gateway:
     async def start(self) -> None:
         """Build every backend (converting the embedded teacher on first use, off the event
         loop) and start them (see _start_all); on failure stop the ones that started."""
+        self.tracer = build_tracer(self.config.tracing)
         try:
             built = await asyncio.to_thread(self._build)
         except Exception as exc:
@@ -223,6 +226,9 @@ class Gateway:
         await self._close_traffic()
         self.store.release()
         await asyncio.gather(*(b.stop() for b in self.backends.values()), return_exceptions=True)
+        if self.tracer is not None:  # last: the requests that ended above have their spans
+            await asyncio.to_thread(self.tracer.close)
+            self.tracer = None
 
 
 def build_backend(model: ModelConfig, config: GatewayConfig, store: ModelStore) -> Backend:

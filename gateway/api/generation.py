@@ -131,7 +131,7 @@ class Target:
 
     def tracker(self, gw: Gateway, endpoint: str, request: Request, job: Job) -> Tracker:
         """The request's Tracker, with its listeners: the router learns from routed
-        requests; the traffic log records every one."""
+        requests; the traffic log records every one; the tracer's span ends with it."""
         route, router, recorder = self.route, gw.router, gw.recorder
         listeners: list[Listener] = []
         if route is not None and router is not None:
@@ -146,6 +146,8 @@ class Target:
             )  # fmt: skip
             listeners.append(functools.partial(recorder.finish, tag))
             keep_text = tag.keeps_text
+        if gw.tracer is not None:  # last, so a tracing fault cannot keep the others deaf
+            listeners.append(gw.tracer.begin(endpoint, self, job, request.headers))
         return Tracker(gw.metrics, self.model, endpoint, tuple(listeners), keep_text)
 
 

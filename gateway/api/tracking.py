@@ -21,7 +21,8 @@ CANCELLED_STATUS = 499  # the client went away (nginx's code; no response was se
 class Ending:
     """How a request ended. `longest_tokens` is the longest choice's completion (choices
     run side by side, so it is what the duration measured); `text` the first choice's
-    answer, when the Tracker was asked to keep it."""
+    answer, when the Tracker was asked to keep it; `finish_reasons` one per choice that
+    finished, in choice order; `error` what the client was told, if it failed."""
 
     outcome: str  # success, client_error, server_error, cancelled
     status: int
@@ -31,6 +32,8 @@ class Ending:
     completion_tokens: int
     longest_tokens: int
     text: str | None
+    finish_reasons: tuple[str, ...] = ()
+    error: GatewayError | None = None
 
 
 Listener = Callable[[Ending], None]
@@ -51,6 +54,7 @@ class Tracker:
     prompt_tokens: int | None = None
     completion_tokens: int = 0
     longest: int = 0
+    reasons: dict[int, str] = field(default_factory=dict)  # choice index -> finish reason
     finished: bool = False
 
     def __post_init__(self) -> None:
@@ -70,6 +74,7 @@ class Tracker:
         if self.text is not None and index == 0:
             self.text.append(chunk.text)
         if chunk.finish_reason is not None:
+            self.reasons[index] = chunk.finish_reason
             if self.prompt_tokens is None:  # one prompt, however many choices (as OpenAI)
                 self.prompt_tokens = chunk.prompt_tokens or 0
                 m.prompt_tokens.inc(self.prompt_tokens)
@@ -100,6 +105,7 @@ class Tracker:
             outcome, status, self.first, duration, self.prompt_tokens or 0,
             self.completion_tokens, self.longest,
             "".join(self.text) if self.text is not None else None,
+            tuple(self.reasons[i] for i in sorted(self.reasons)), error,
         )  # fmt: skip
         for listener in self.listeners:
             listener(ending)
