@@ -37,6 +37,7 @@ M, C = 'model=~"$model"', 'slo_class=~"$slo_class"'  # the template variables' f
 class Query:
     expr: str
     legend: str
+    instant: bool = False  # the value now, not a range (a stage a student has left is 0)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ class Panel:
     threshold: float | None = None  # a dashed line users read the series against
 
 
-def q(expr: str, legend: str) -> Query:
-    return Query(expr, legend)
+def q(expr: str, legend: str, instant: bool = False) -> Query:
+    return Query(expr, legend, instant)
 
 
 # fmt: off
@@ -138,7 +139,7 @@ ROWS: dict[str, tuple[Panel, ...]] = {
               (q("sum by (kind) (increase(distillgate_shift_events_total[5m]))", "{{kind}}"),)),
         Panel("Rollout stage", "Each student's current stage (shadow, canary, live, retired).",
               (q("max by (student, stage) (distillgate_adapt_stage) == 1",
-                 "{{student}}: {{stage}}"),), kind="stat"),
+                 "{{student}}: {{stage}}", instant=True),), kind="stat"),
         Panel("Share of its domain", "The share of its domain's traffic each student may "
               "answer (0 in shadow, the canary step, 1 live).",
               (q("max by (student) (distillgate_adapt_share)", "{{student}}"),),
@@ -188,9 +189,8 @@ def panel(spec: Panel):
     built = (kind.Panel().title(spec.title).description(spec.description).unit(spec.unit)
              .datasource(DATASOURCE).height(8).span(spec.width))  # fmt: skip
     for ref, query in zip("ABCDEFGH", spec.queries, strict=False):
-        built = built.with_target(
-            prometheus.Dataquery().expr(query.expr).legend_format(query.legend).ref_id(ref)
-        )
+        target = prometheus.Dataquery().expr(query.expr).legend_format(query.legend).ref_id(ref)
+        built = built.with_target(target.instant() if query.instant else target)
     if spec.kind == "stat":  # the rollout stage is in the series' name, not its value
         named = spec.title == "Rollout stage"
         return built.text_mode(BigValueTextMode.NAME if named else BigValueTextMode.AUTO)
