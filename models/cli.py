@@ -1,4 +1,4 @@
-"""The factory's commands: `tasks list|show|export`, `teacher adapt`, `distill`, `eval`,
+"""The factory's commands: `tasks list|show|export`, `teacher prepare|adapt`, `distill`, `eval`,
 `sweep` and `students list|show|remove`; gateway/cli.py composes them into `distillgate`.
 
 Heavy imports (torch, transformers) happen inside the handlers, so `--help` and argument
@@ -73,6 +73,13 @@ def _tasks(sub: argparse._SubParsersAction) -> None:
 def _teacher(sub: argparse._SubParsersAction) -> None:
     teacher = sub.add_parser("teacher", help="prepare the teacher")
     actions = teacher.add_subparsers(dest="action", required=True, metavar="ACTION", help="one of:")
+    prepare = actions.add_parser(
+        "prepare",
+        help="convert the embedded teacher into the store once and print its directory "
+        "(an init step for servers that read it from there, e.g. vLLM)",
+    )
+    _store_flag(prepare)
+    prepare.set_defaults(func=_run_prepare)
     adapt = actions.add_parser(
         "adapt", help="fine-tune the teacher on a task's train split and register it"
     )
@@ -357,6 +364,11 @@ def _check_teacher(store, spec, args: argparse.Namespace) -> None:
             f"{spec.task} --teacher {spec.teacher}`, then distil from the model it registers "
             f"(--teacher NAME); or pass --force"
         )
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    print(_store(args.store).ensure_teacher())
+    return 0
 
 
 def _run_adapt(args: argparse.Namespace) -> int:

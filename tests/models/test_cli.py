@@ -119,3 +119,19 @@ def test_force_distils_anyway_and_no_progress_silences_every_bar(
     assert loud.returncode == 0, loud.stderr
     assert "train (kl)" in loud.stderr and "Loading weights" in loud.stderr
     assert {m.name for m in tiny_teacher.entries()} == {"tiny", "quiet", "loud"}
+
+
+def test_teacher_prepare_prints_the_teachers_directory_once_converted(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`teacher prepare` is the init step of servers that read the teacher from the store
+    (compose's and Kubernetes' vLLM): here the store already holds one, so nothing converts."""
+    from models.store import TEACHER_NAME
+
+    store = ModelStore(tmp_path / "store")
+    copy = lambda out: shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)  # noqa: E731
+    store.register(Manifest(name=TEACHER_NAME, role="teacher"), copy)
+    done = cli("teacher", "prepare", "--store", str(store.root))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(store.path_for(TEACHER_NAME))
+    assert (Path(done.stdout.strip()) / "config.json").is_file()
