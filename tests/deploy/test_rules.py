@@ -91,6 +91,16 @@ def test_promtool_checks_the_rule_files() -> None:
     run_promtool("check", "rules", *(str(p.relative_to(PROMETHEUS)) for p in RULE_FILES))
 
 
+def test_the_local_scrape_config_loads_the_rules_and_scrapes_both_jobs() -> None:
+    """deploy/prometheus/prometheus.yml: the set-up without containers (README)."""
+    run_promtool("check", "config", "prometheus.yml")
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert config["rule_files"] == [p.name for p in RULE_FILES]
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"]
+            for job in config["scrape_configs"]}  # fmt: skip
+    assert jobs == {"distillgate": ["127.0.0.1:8000"], "distillgate-adapt": ["127.0.0.1:9100"]}
+
+
 def test_promtool_unit_tests_pass() -> None:
     assert {p.name for p in TEST_FILES} >= {"alerts_test.yml", "rules_test.yml"}
     run_promtool("test", "rules", *(str(p.relative_to(PROMETHEUS)) for p in TEST_FILES))
