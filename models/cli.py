@@ -79,6 +79,7 @@ def _teacher(sub: argparse._SubParsersAction) -> None:
         "(an init step for servers that read it from there, e.g. vLLM)",
     )
     _store_flag(prepare)
+    json_flag(prepare)
     prepare.set_defaults(func=_run_prepare)
     adapt = actions.add_parser(
         "adapt", help="fine-tune the teacher on a task's train split and register it"
@@ -367,8 +368,10 @@ def _check_teacher(store, spec, args: argparse.Namespace) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    print(_store(args.store).ensure_teacher())
-    return 0
+    from models.store import TEACHER_NAME
+
+    path = _store(args.store).ensure_teacher()
+    return emit(args.json, {"name": TEACHER_NAME, "path": str(path)}, str(path))
 
 
 def _run_adapt(args: argparse.Namespace) -> int:

@@ -14,9 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.servers import free_port
+from tests.tools import require
 
 USER = "distillgate"
 DATABASE = "distillgate"
@@ -66,12 +65,8 @@ def postgres_server(tmp: Path) -> Iterator[str]:
     """Start a cluster and yield the SQLAlchemy URL of its database `distillgate` (user
     `distillgate`, trust authentication, loopback only). Skips when PostgreSQL is not
     installed, unless $CI is set: then it fails, since CI must test PostgreSQL."""
-    bindir = binaries()
-    if bindir is None:
-        message = "PostgreSQL server binaries not found (apt-get install postgresql)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must test PostgreSQL")
-        pytest.skip(message)
+    bindir = require(binaries(), "PostgreSQL server binaries", "apt-get install postgresql",
+                     "test PostgreSQL")  # fmt: skip
     work, owned = _workdir(tmp)
     data, sockets = work / "data", Path(tempfile.mkdtemp(prefix="dg-pgs-"))
     if owned:

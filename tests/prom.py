@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -16,10 +15,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
 from tests.servers import free_port
+from tests.tools import require
 
 STEP_S = 1  # scrape and rule-evaluation interval: the tests wait seconds, not minutes
 
@@ -102,12 +101,8 @@ def prometheus_server(
     """Start Prometheus scraping `scrape` (job -> host:port) with `rule_files` loaded; yield
     a client once it is ready. Skips when the binary is missing, unless $CI is set: then
     it fails, since CI must run the dashboard's queries against a real Prometheus."""
-    exe = binary()
-    if exe is None:
-        message = "prometheus not found (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must test against a real Prometheus")
-        pytest.skip(message)
+    exe = require(binary(), "prometheus", "apt-get install prometheus",
+                  "test against a real Prometheus")  # fmt: skip
     work = tmp / "prometheus"
     work.mkdir()
     (work / "prometheus.yml").write_text(yaml.safe_dump(config(scrape, rule_files)))

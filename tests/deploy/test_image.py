@@ -18,6 +18,7 @@ import yaml
 
 from gateway.config import OpenAIModel, load_config
 from gateway.routing.policy import load_policy
+from tests.tools import require
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -35,12 +36,7 @@ def tool(name: str, install: str) -> str:
     """A binary from the venv or PATH; skipped when missing, failed under $CI."""
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.is_file() else shutil.which(name)
-    if found is None:
-        message = f"{name} not found ({install})"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must check the image and compose files")
-        pytest.skip(message)
-    return found
+    return require(found, name, install, "check the image and compose files")
 
 
 # -- the Dockerfile ---------------------------------------------------------------------

@@ -7,7 +7,6 @@ promised. CRDs (ServiceMonitor, PrometheusRule) are checked by hand and with pro
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import yaml
 from gateway.cli import parser
 from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.routing.policy import load_policy
+from tests.tools import require
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -44,13 +44,7 @@ Docs = list[dict]
 
 
 def _binary(name: str, install: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"`{name}` not found ({install})"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must check the Kubernetes manifests")
-        pytest.skip(message)
-    return path
+    return require(shutil.which(name), f"`{name}`", install, "check the Kubernetes manifests")
 
 
 @pytest.fixture(scope="module")

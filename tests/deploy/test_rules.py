@@ -4,17 +4,16 @@ the rules read is one the gateway or the adapt process exports."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from gateway.adapt.process import AdaptMetrics
 from gateway.metrics import Metrics
+from tests.tools import require
 
 PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULE_FILES = [PROMETHEUS / "rules.yml", PROMETHEUS / "alerts.yml"]
@@ -57,13 +56,8 @@ RULE_NAME = re.compile(r"(?<![\w:])[a-z_]+:[\w:]+")
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        message = "promtool not found (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must test the Prometheus rules")
-        pytest.skip(message)
-    return found
+    return require(shutil.which("promtool"), "promtool", "apt-get install prometheus",
+                   "test the Prometheus rules")  # fmt: skip
 
 
 def run_promtool(*args: str) -> None:

@@ -135,3 +135,8 @@ def test_teacher_prepare_prints_the_teachers_directory_once_converted(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(store.path_for(TEACHER_NAME))
     assert (Path(done.stdout.strip()) / "config.json").is_file()
+    done = cli("teacher", "prepare", "--store", str(store.root), "--json")
+    assert json.loads(done.stdout) == {
+        "name": TEACHER_NAME,
+        "path": str(store.path_for(TEACHER_NAME)),
+    }
