@@ -20,6 +20,8 @@ from gateway.config import OpenAIModel, load_config
 from gateway.routing.policy import load_policy
 from tests.tools import require
 
+pytestmark = pytest.mark.slow  # docker-compose, hadolint and promtool runs: not the edit-test lane
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 COMPOSE_DIR = REPO / "deploy" / "compose"

@@ -24,6 +24,8 @@ from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.routing.policy import load_policy
 from tests.tools import require
 
+pytestmark = pytest.mark.slow  # kubectl and kubernetes-validate, dozens of runs
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 TARGETS = ("base", "overlays/cpu", "overlays/gpu-vllm")

@@ -204,6 +204,7 @@ print(json.dumps({"tracer": repr(tracer),
 """
 
 
+@pytest.mark.slow  # a child process imports the whole gateway
 def test_off_by_default_loads_no_sdk() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     out = subprocess.run(
