@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
-from gateway.api import chat, completions, health, models
+from gateway.admission import Admission
+from gateway.api import chat, completions, health, models, responses
+from gateway.auth import Guard
 from gateway.config import GatewayConfig
 from gateway.errors import install_handlers
+from gateway.openapi import install as install_docs
 from gateway.state import Factory, Gateway
 from models.store import ModelStore
 
@@ -33,6 +36,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = Gateway(config, store or ModelStore(config.store), factory)
         app.state.gateway = gw
+        await guard.start(gw)  # API keys and rate limits (gateway/auth.py)
         loader = asyncio.create_task(_load(gw, on_failure))
         try:
             yield
@@ -41,6 +45,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
             await gw.stop()
+            await guard.stop()
 
     # The gateway's metrics are its own Prometheus registry; FastAPI's built-in
     # OpenTelemetry hooks would cost every request without a provider to report to.
@@ -49,10 +54,17 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        docs_url=None,  # /docs and /redoc come from gateway/openapi.py, with local assets
+        redoc_url=None,
     )
     install_handlers(app)
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, responses, models, health):
         app.include_router(module.router)
+    install_docs(app)
+    guard = Guard(config)
+    guard.install(app)  # API keys, x-ratelimit-* headers; inside the overload check below
+    # last, so outermost: a 429 for overload before any other work (gateway/admission.py)
+    app.add_middleware(Admission)
     return app
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from gateway import keys_cli
 from gateway.adapt import cli as adapt_cli
 from gateway.adapt import traffic_cli
 from law import cli as law_cli
@@ -61,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     law_cli.add_commands(sub)
     traffic_cli.add_commands(sub)
     adapt_cli.add_commands(sub)
+    keys_cli.add_commands(sub)
     return root
 
 
@@ -78,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.auth import exposure
     from gateway.config import ConfigError, load_config
     from models.store import ModelStore
 
@@ -87,6 +90,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     config = config.with_traffic_dsn(settings.traffic_dsn)
+    exposed = exposure(config.auth.mode, settings.host)  # no keys on a public address
+    if exposed is not None and exposed[0] == "error":
+        raise CliError(exposed[1])
+    if exposed is not None:
+        print(f"distillgate: warning: {exposed[1]}", file=sys.stderr)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -98,15 +106,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     store = ModelStore(settings.store or config.store)
     app = create_app(config, store, on_failure=on_failure)
-    server = uvicorn.Server(
+    from gateway.admission import GracefulServer, mark_draining
+
+    server = GracefulServer(  # SIGTERM: drain, finish in-flight requests, exit 0
         uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
             access_log=False,
-            timeout_graceful_shutdown=10,
-        )
+            timeout_graceful_shutdown=config.server.shutdown_timeout_s,
+        ),
+        drain_s=config.server.drain_s,
+        on_drain=lambda: mark_draining(app),
     )
     supervisor = None
     if args.adapt:

@@ -87,6 +87,13 @@ class Limits(_Strict):
     connect_timeout_s: float = Field(5.0, gt=0)
     # A stream that sends no token for this long ends with an error event and [DONE].
     stream_idle_timeout_s: float = Field(60.0, gt=0)
+    # Per-key rpm/tpm (gateway/limits.py): kept in this process, or shared by every replica
+    # through this Redis; on a Redis failure: local (each replica limits alone), open
+    # (admit) or closed (503). The window is a minute; shorter only to test quickly.
+    redis_url: Annotated[str, Field(pattern=r"^(rediss?|unix)://")] | None = None
+    on_redis_error: Literal["local", "open", "closed"] = "local"
+    redis_timeout_s: float = Field(0.25, gt=0, le=30)
+    rate_window_s: float = Field(60.0, ge=1, le=3600)
 
 
 class Audit(_Strict):
@@ -210,6 +217,50 @@ class Tracing(_Strict):
     sample_ratio: float = Field(1.0, ge=0, le=1)  # of traces started here (parents decide)
 
 
+class Failover(_Strict):
+    """What `auto` does when a model fails (gateway/routing/breaker.py): a request whose
+    model fails before its first token (unreachable, 5xx, crashed) is retried once on the
+    routing decision's next-best model when `retry`; a model with `failures_to_open`
+    consecutive failures leaves routing for `cool_down_s`, doubled at each failed probe up
+    to `max_cool_down_s`, then one probe request at a time tells whether it is back."""
+
+    retry: bool = True
+    failures_to_open: int = Field(3, ge=1, le=10_000)
+    cool_down_s: float = Field(5.0, gt=0, le=86_400)
+    max_cool_down_s: float = Field(60.0, gt=0, le=86_400)
+    probe_timeout_s: float = Field(30.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _check(self) -> Failover:
+        if self.max_cool_down_s < self.cool_down_s:
+            raise ValueError("failover.max_cool_down_s must not be below failover.cool_down_s")
+        return self
+
+
+class Server(_Strict):
+    """Overload and shutdown (gateway/admission.py). At most `max_in_flight` generation
+    requests are admitted at once (unset: what the models hold, `capacity_of`); more are
+    answered 429 at once, before their body is read. On SIGTERM /ready
+    answers 503 and new requests are still served for `drain_s` (for load balancers that
+    learn from /ready; Kubernetes' preStop sleep does this job there), then the port
+    closes and in-flight requests get `shutdown_timeout_s` to finish before the exit."""
+
+    max_in_flight: int | None = Field(None, ge=1, le=10_000_000)
+    shutdown_timeout_s: float = Field(10.0, gt=0, le=3600)
+    drain_s: float = Field(0.0, ge=0, le=3600)
+
+
+class Auth(_Strict):
+    """Who may call (gateway/auth.py). `keys`: every request but /health, /ready, the API
+    docs and (unless `metrics: keys`) /metrics needs a key from `distillgate keys create`.
+    `none`: anyone who reaches the port. Unset: none, and `serve` refuses an address other
+    than loopback until it is set. The key table is reread every `refresh_s` seconds."""
+
+    mode: Literal["none", "keys"] | None = None
+    metrics: Literal["open", "keys"] = "open"
+    refresh_s: float = Field(5.0, gt=0, le=3600)
+
+
 class GatewayConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     limits: Limits = Limits()
@@ -218,6 +269,9 @@ class GatewayConfig(_Strict):
     adapt: Adapt = Adapt()
     students: Students = Students()
     tracing: Tracing = Tracing()
+    failover: Failover = Failover()
+    server: Server = Server()
+    auth: Auth = Auth()
     store: Path | None = None
     # torch's intra-op threads for every in-process model (process-wide: set once at
     # start). None: all cores. Lower it when other work shares the machine.

@@ -8,6 +8,7 @@
     │   ├── ContextLengthExceeded      400 code=context_length_exceeded
     │   ├── ModelNotFound              404 code=model_not_found
     │   ├── BodyTooLarge               413 code=request_too_large
+    │   ├── AuthenticationError        401 code=invalid_api_key (gateway/auth.py)
     │   └── RateLimited                429 code=rate_limit_exceeded, Retry-After
     └── ServerError                    500 internal_server_error (no detail leaked)
         ├── UpstreamFailure            status of the remote server, its type/param/code
@@ -92,6 +93,13 @@ class RateLimited(ClientError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class AuthenticationError(ClientError):
+    """A missing, wrong, revoked or expired API key (the SDK raises AuthenticationError)."""
+
+    status = 401
+    code = "invalid_api_key"
 
 
 class RouteError(ClientError):
@@ -223,7 +231,9 @@ def install_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return respond(request, RouteError(str(exc.detail), exc.status_code))
+        response = respond(request, RouteError(str(exc.detail), exc.status_code))
+        response.headers.update(exc.headers or {})  # a 405 carries Allow (RFC 9110)
+        return response
 
     app.add_exception_handler(GatewayError, on_error)
     app.add_exception_handler(BackendError, on_error)

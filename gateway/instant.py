@@ -16,6 +16,10 @@ A prompt (or last chat message) that starts with `#instant` steers the reply, fo
   #instant fail_after=2                     stream 2 chunks, then an SSE error event
   #instant drop_after=2                     stream 2 chunks, then drop the connection
 
+With `tools` (and tool_choice not "none") it calls the tool tool_choice names, else the
+first, with arguments `{"query": <the prompt>}`: whole, or streamed as OpenAI's tool-call
+deltas (arguments in 3 pieces); legacy `functions` get a `function_call` the same way.
+
     python -m gateway.instant --port 8001 [--model instant]
 """
 
@@ -171,6 +175,9 @@ class _Answer:
         self.top = None if self.top is None or self.top is False else int(self.top)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:16]}"
         self.created = int(time.time())
+        self.call = _tool_call(body, prompt) if chat else None
+        if self.call is not None:
+            self.finish_reason = "function_call" if self.call["legacy"] else "tool_calls"
 
     def _head(self, streaming: bool) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -189,7 +196,23 @@ class _Answer:
 
     def whole(self) -> dict:
         choice = self._choice(" ".join(self.words), self.finish_reason, streaming=False)
+        if self.call is not None:
+            choice["message"] = {"role": "assistant", "content": None, **_call_fields(self.call)}
         return {**self._head(False), "choices": [choice], "usage": self.usage}
+
+    def call_deltas(self) -> list[dict]:
+        """The tool call as stream chunks: id and name first, then the arguments in 3."""
+        assert self.call is not None
+        args, third = self.call["arguments"], len(self.call["arguments"]) // 3 + 1
+        parts = [args[i : i + third] for i in range(0, len(args), third)]
+        first = {**self.call, "arguments": ""}
+        pieces = [first, *({"index": 0, "legacy": first["legacy"], "arguments": a} for a in parts)]
+        out = []
+        for piece in pieces:
+            delta = {"role": "assistant", "content": None} if piece is first else {}
+            choice = {"index": 0, "delta": {**delta, **_call_fields(piece)}, "finish_reason": None}
+            out.append({**self._head(True), "choices": [choice]})
+        return out
 
     def pieces(self) -> list[str]:
         return [w if i == 0 else " " + w for i, w in enumerate(self.words)]
@@ -224,6 +247,10 @@ def _logprobs(pieces: list[str], top: int, chat: bool) -> dict | None:
 
 async def _stream_events(answer: _Answer, steer: dict[str, str], send, disconnected) -> bool:
     """Send the SSE events; False when the client went away or the stream was cut."""
+    if answer.call is not None:
+        for chunk in answer.call_deltas():
+            await _event(send, chunk)
+        return await _finish_stream(answer, send)
     pieces = answer.pieces()
     chunks = int(steer.get("chunks", len(pieces)))
     delay = float(steer.get("delay", 0))
@@ -239,11 +266,41 @@ async def _stream_events(answer: _Answer, steer: dict[str, str], send, disconnec
         if delay and await _wait(disconnected, delay):
             return False
         await _event(send, answer.delta(pieces[i % len(pieces)] if pieces else ""))
+    return await _finish_stream(answer, send)
+
+
+async def _finish_stream(answer: _Answer, send) -> bool:
     await _event(send, answer.last())
     if answer.include_usage:
         await _event(send, answer.usage_chunk())
     await _end(send, b"data: [DONE]\n\n")
     return True
+
+
+def _tool_call(body: dict, prompt: str) -> dict | None:
+    """The call to make for a request with tools or legacy functions, or None."""
+    legacy = not body.get("tools")
+    tools = [t.get("function") or {} for t in body.get("tools") or ()]
+    functions = tools or list(body.get("functions") or ())
+    choice = body.get("function_call" if legacy else "tool_choice")
+    if not functions or choice == "none":
+        return None
+    named = choice.get("function", choice) if isinstance(choice, dict) else {}
+    name = named.get("name") or functions[0].get("name")
+    arguments = json.dumps({"query": prompt})
+    return {"index": 0, "id": f"call_{uuid.uuid4().hex[:12]}", "name": name,
+            "arguments": arguments, "legacy": legacy}  # fmt: skip
+
+
+def _call_fields(call: dict) -> dict:
+    """A (piece of a) call as a message's or delta's `tool_calls` / `function_call`."""
+    function = {k: call[k] for k in ("name", "arguments") if k in call}
+    if call["legacy"]:
+        return {"function_call": function}
+    entry: dict = {"index": call["index"], "function": function}
+    if "id" in call:
+        entry.update(id=call["id"], type="function")
+    return {"tool_calls": [entry]}
 
 
 async def _wait(event: asyncio.Event, delay: float) -> bool:

@@ -150,6 +150,24 @@ class Metrics:
             "Traffic log records waiting to be written.",
             registry=r,
         )
+        # admission control (gateway/admission.py); its count is read at scrape time
+        self.rejected = Counter(
+            "distillgate_rejected",
+            "Generation requests refused before any work was done for them, by reason "
+            "(capacity: server.max_in_flight reached).",
+            ["reason"],
+            registry=r,
+        )
+        self.admitted = Gauge(
+            "distillgate_admitted_requests",
+            "Generation requests admitted and not finished (running or waiting).",
+            registry=r,
+        )
+        self.admission_capacity = Gauge(
+            "distillgate_admission_capacity",
+            "Generation requests that may be admitted at once before 429s.",
+            registry=r,
+        )
         self.audits = Counter(
             "distillgate_audits",
             "Student answers replayed on the teacher, by outcome (done, failed, "
@@ -183,6 +201,54 @@ class Metrics:
             "distillgate_model_ready",
             "1 when a model is loaded and its backend says it is healthy, checked at each "
             "scrape; 0 otherwise.",
+            ["model"],
+            registry=r,
+        )
+        # API keys and rate limits (gateway/auth.py, gateway/limits.py)
+        self.auth_failures = Counter(
+            "distillgate_auth_failures",
+            "Requests refused for their API key, by reason: missing, invalid, revoked, "
+            "expired, unavailable (the key table has not been read yet).",
+            ["reason"],
+            registry=r,
+        )
+        self.key_refresh_errors = Counter(
+            "distillgate_api_key_refresh_errors",
+            "Failed rereads of the API key table (the last one read stays in use).",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "distillgate_rate_limited",
+            "Requests refused (429) by their key's rate limit, by key name and limit "
+            "(requests, tokens).",
+            ["key", "kind"],
+            registry=r,
+        )
+        self.rate_limit_errors = Counter(
+            "distillgate_rate_limit_store_errors",
+            "Rate-limit operations Redis failed, by the fallback then in force "
+            "(limits.on_redis_error: local, open, closed).",
+            ["fallback"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "distillgate_failovers",
+            "Routed requests retried on the next-best model because theirs failed before "
+            "the first token, by the failed model, the one retried and the reason "
+            "(unavailable, upstream_error, server_error).",
+            ["from", "to", "reason"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "distillgate_circuit_state",
+            "Each model's circuit breaker: 0 closed, 1 half-open (a probe may pass), 2 open "
+            "(out of auto routing), read at scrape time.",
+            ["model"],
+            registry=r,
+        )
+        self.circuit_opens = Counter(
+            "distillgate_circuit_opens",
+            "Times a model's circuit opened (consecutive failures, or a failed probe).",
             ["model"],
             registry=r,
         )

@@ -5,22 +5,34 @@ ones distillgate implements are checked against OpenAI's documented ranges; the 
 accepted only at their neutral value (`store: false`, `response_format: {"type": "text"}`)
 and otherwise rejected by `check()` with a 400 whose `param` names the field and whose
 message says it is not supported. Fields OpenAI does not have are ignored, as vLLM does.
-Messages are checked per role as OpenAI does (`chat_messages`).
+Messages are checked per role as OpenAI does (`chat_messages`). Structured outputs
+(`response_format`) and tool calling (`tools`, `functions`, tool messages in the history)
+are requests of the model: `needs()` lists them and `check_supported` refuses a model
+whose card cannot honour them with a 400 naming the field.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from gateway.errors import InvalidRequest, Unsupported
-from models.backends.base import TokenLogprob
+from models.backends.base import (
+    Capability,
+    ModelCard,
+    OutputFormat,
+    TokenLogprob,
+    ToolCall,
+    Tools,
+)
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -29,7 +41,9 @@ MAX_N = 128  # OpenAI's bound; the gateway's limits may lower it (gateway/api/ge
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON types as OpenAI checks them (`"n": "2"`, `"store": 0` are 400s), so the
+    # server accepts exactly what its published schema says (gateway/openapi.py)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -37,25 +51,127 @@ class StreamOptions(_Request):
     include_obfuscation: bool | None = None  # padding against side channels: we send none
 
 
+class JsonSchemaSpec(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    def output_format(self) -> OutputFormat | None:
+        """The backends' value; None for plain text. json_schema needs its spec."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return OutputFormat("json_object")
+        spec = self.json_schema
+        if spec is None:
+            raise InvalidRequest(
+                "response_format.json_schema is required when response_format.type is "
+                "'json_schema'.",
+                param="response_format.json_schema",
+            )
+        schema = None if spec.schema_ is None else json.dumps(spec.schema_)
+        return OutputFormat("json_schema", schema, spec.name, spec.description, spec.strict)
+
+
+class _Open(BaseModel):
+    """A tool definition: passed upstream as the client sent it, unknown fields kept."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class FunctionSpec(_Open):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(_Request):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+@dataclass(frozen=True)
+class Need:
+    """Something a request needs of its model (a card's `supports`), with the field that
+    asks for it and what it is, for the 400 when the model cannot."""
+
+    capability: Capability
+    param: str
+    what: str
+
+
+def check_supported(card: ModelCard, needs: Sequence[Need]) -> None:
+    """400 (unsupported_parameter) naming the first field `card`'s model cannot honour."""
+    for need in needs:
+        if need.capability not in card.supports:
+            hint = "a model served by an OpenAI-compatible backend or vLLM with a tool parser"
+            if need.capability != "tools":
+                hint = "a local model or an OpenAI-compatible backend"
+            raise Unsupported(
+                f"{need.param}: {need.what} is not supported by model '{card.name}'; "
+                f"send it to {hint}.",
+                param=need.param,
+            )
+
+
+# What `_content_text` accepts, for the published schema (gateway/openapi.py); the checks
+# stay by hand for their clear errors (an image part: "image input is not supported").
+_CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+            },
+        },
+        {"type": "null"},
+    ]
+}
 
 
 class ChatMessage(_Request):
     """Any role's message; `chat_messages` checks what each role needs."""
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Any = None  # str | content parts | None, checked by hand for clear errors
+    content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = None  # str | text parts | None
     name: str | None = None  # a participant's label; chat templates ignore it
     refusal: str | None = None
     audio: Any = None
-    tool_calls: list[Any] | None = None
-    function_call: Any = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
     tool_call_id: str | None = None
 
-
-def _present(value: Any) -> bool:
-    return value is not None and value != [] and value != {}
+    def needs(self, i: int) -> Need | None:
+        """Tool calling in the history needs a model that calls tools."""
+        p = f"messages[{i}]"
+        if self.tool_calls or self.function_call is not None:
+            field = "tool_calls" if self.tool_calls else "function_call"
+            return Need("tools", f"{p}.{field}", "tool calls in the history")
+        if self.role == "tool":
+            return Need("tools", f"{p}.tool_call_id", "a tool result (role 'tool')")
+        if self.role == "function":
+            return Need("tools", f"{p}.role", "the role 'function' (legacy function calling)")
+        return None
 
 
 # (field, is it at a neutral value?, what the field is) for fields we do not implement.
@@ -71,7 +187,7 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1, le=MAX_N)
     presence_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64 bounds
     stop: Stop = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -127,16 +243,11 @@ class _Sampling(_Request):
 
 _CHAT_RULES: tuple[Rule, ...] = (
     ("audio", lambda v: v is None, "audio output"),
-    ("function_call", lambda v: v in (None, "none"), "legacy function calling"),
-    ("functions", lambda v: not _present(v), "legacy function calling"),
     ("modalities", lambda v: not v or set(v) == {"text"}, "only text output is produced"),
     ("prediction", lambda v: v is None, "predicted outputs"),
     ("reasoning_effort", lambda v: v in (None, "none"), "these models do not reason"),
-    ("response_format", lambda v: v is None or v.type == "text", "structured outputs"),
     ("service_tier", lambda v: v in (None, "auto", "default"), "one tier serves all"),
     ("store", lambda v: not v, "stored completions"),
-    ("tool_choice", lambda v: v in (None, "none"), "tool calling"),
-    ("tools", lambda v: not _present(v), "tool calling"),
     ("verbosity", lambda v: v in (None, "medium"), "the models' own length is used"),
     ("web_search_options", lambda v: v is None, "web search"),
 )
@@ -145,13 +256,13 @@ _CHAT_RULES: tuple[Rule, ...] = (
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     audio: dict[str, Any] | None = None
-    function_call: str | dict[str, Any] | None = None
-    functions: list[Any] | None = None
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+    functions: list[FunctionSpec] | None = None
     logprobs: bool | None = False
     max_completion_tokens: int | None = Field(None, ge=1)
     metadata: dict[str, str] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
-    parallel_tool_calls: bool | None = None  # neutral: no tools are ever called
+    parallel_tool_calls: bool | None = None
     prediction: dict[str, Any] | None = None
     prompt_cache_key: str | None = None  # a cache hint
     reasoning_effort: str | None = None
@@ -159,8 +270,8 @@ class ChatCompletionRequest(_Sampling):
     safety_identifier: str | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     store: bool | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     verbosity: Literal["low", "medium", "high"] | None = None
     web_search_options: dict[str, Any] | None = None
@@ -175,6 +286,42 @@ class ChatCompletionRequest(_Sampling):
 
     def wanted_logprobs(self) -> tuple[bool, int]:
         return bool(self.logprobs), self.top_logprobs or 0
+
+    def needs(self) -> tuple[Need, ...]:
+        """What this request needs of its model beyond plain text (see `check_supported`)."""
+        found: list[Need] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            found.append(Need(fmt.type, "response_format", f"response_format '{fmt.type}'"))
+        for name, asked in (
+            ("tools", bool(self.tools)),
+            ("tool_choice", self.tool_choice not in (None, "none")),
+            ("functions", bool(self.functions)),
+            ("function_call", self.function_call not in (None, "none")),
+        ):
+            if asked:
+                found.append(Need("tools", name, "tool calling"))
+        found += [n for i, m in enumerate(self.messages) if (n := m.needs(i)) is not None]
+        return tuple(found)
+
+    def output_format(self) -> OutputFormat | None:
+        return None if self.response_format is None else self.response_format.output_format()
+
+    def tool_spec(self) -> Tools | None:
+        """The tool-calling fields for the backend; None when the request has none."""
+        if not any(n.capability == "tools" for n in self.needs()):
+            return None
+
+        def dump(v: BaseModel | str | None) -> dict[str, Any] | str | None:
+            return v.model_dump(exclude_unset=True) if isinstance(v, BaseModel) else v
+
+        return Tools(
+            tools=tuple(t.model_dump(exclude_unset=True) for t in self.tools or ()),
+            tool_choice=dump(self.tool_choice),
+            parallel_tool_calls=self.parallel_tool_calls,
+            functions=tuple(f.model_dump(exclude_unset=True) for f in self.functions or ()),
+            function_call=dump(self.function_call),
+        )
 
 
 _COMPLETION_RULES: tuple[Rule, ...] = (
@@ -227,35 +374,38 @@ _PARTS = {
 }
 
 
-def chat_messages(messages: Sequence[ChatMessage]) -> tuple[dict[str, str], ...]:
+def chat_messages(messages: Sequence[ChatMessage]) -> tuple[dict[str, Any], ...]:
     """Messages as the backends take them ({"role", "content"} with text content), after
-    OpenAI's per-role checks; tool calling in the history is refused, not dropped."""
-    return tuple({"role": m.role, "content": _text(i, m)} for i, m in enumerate(messages))
+    OpenAI's per-role checks; tool calling in the history is kept for the upstream (a
+    model that cannot call tools is refused by `check_supported`, never sent it)."""
+    return tuple(_message(i, m) for i, m in enumerate(messages))
+
+
+def _message(i: int, m: ChatMessage) -> dict[str, Any]:
+    p = f"messages[{i}]"
+    if m.tool_calls or m.function_call is not None:  # an assistant's call: content optional
+        content = None if m.content is None else _text(i, m)
+        key = "tool_calls" if m.tool_calls else "function_call"
+        return {"role": m.role, "content": content, key: m.tool_calls or m.function_call}
+    if m.role == "tool" and not m.tool_call_id:
+        raise InvalidRequest(
+            f"{p}.tool_call_id is required for a message with role 'tool'.",
+            param=f"{p}.tool_call_id",
+        )
+    if m.role == "function" and not m.name:
+        raise InvalidRequest(
+            f"{p}.name is required for a message with role 'function'.", param=f"{p}.name"
+        )
+    message: dict[str, Any] = {"role": m.role, "content": _text(i, m)}
+    if m.role == "tool":
+        message["tool_call_id"] = m.tool_call_id
+    elif m.role == "function":
+        message["name"] = m.name
+    return message
 
 
 def _text(i: int, m: ChatMessage) -> str:
     p = f"messages[{i}]"
-    if m.role == "function":
-        raise Unsupported(
-            f"{p}: the role 'function' (legacy function calling) is not "
-            "supported by distillgate yet.",
-            param=f"{p}.role",
-        )
-    if m.tool_calls or m.function_call is not None:
-        field = "tool_calls" if m.tool_calls else "function_call"
-        raise Unsupported(
-            f"{p}.{field}: tool calls are not supported by distillgate yet.", param=f"{p}.{field}"
-        )
-    if m.role == "tool":
-        if not m.tool_call_id:
-            raise InvalidRequest(
-                f"{p}.tool_call_id is required for a message with role 'tool'.",
-                param=f"{p}.tool_call_id",
-            )
-        raise Unsupported(
-            f"{p}: tool results (role 'tool') are not supported by distillgate yet.",
-            param=f"{p}.tool_call_id",
-        )
     for field in ("audio", "refusal"):
         if getattr(m, field) is not None:
             raise Unsupported(
@@ -282,7 +432,7 @@ def _content_text(p: str, content: Any) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind in _PARTS:
+        elif isinstance(kind, str) and kind in _PARTS:  # `"type": {}` is a 400, not a 500
             raise Unsupported(_PARTS[kind], param=f"{p}.content[{j}]")
         else:
             raise InvalidRequest(
@@ -367,9 +517,44 @@ def completion_logprobs(tokens: Sequence[TokenLogprob], offset: int = 0) -> Comp
     )
 
 
+class FunctionCall(BaseModel):
+    name: str | None = Field(None, exclude_if=lambda v: v is None)
+    arguments: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ToolCallOut(BaseModel):
+    """A tool call: whole in a message; in a stream delta, a piece (index set, the id,
+    type and name on its first piece only)."""
+
+    index: int | None = Field(None, exclude_if=lambda v: v is None)
+    id: str | None = Field(None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(None, exclude_if=lambda v: v is None)
+    function: FunctionCall
+
+
+def tool_calls_out(
+    calls: Sequence[ToolCall], *, delta: bool
+) -> tuple[list[ToolCallOut] | None, FunctionCall | None]:
+    """(tool_calls, legacy function_call) of a message or delta; None where none."""
+    tools = [
+        ToolCallOut(
+            index=c.index if delta else None,
+            id=c.id,
+            type="function" if c.id or not delta else None,
+            function=FunctionCall(name=c.name, arguments=c.arguments),
+        )
+        for c in calls
+        if not c.legacy
+    ]  # fmt: skip
+    legacy = [FunctionCall(name=c.name, arguments=c.arguments) for c in calls if c.legacy]
+    return tools or None, legacy[0] if legacy else None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)
+    function_call: FunctionCall | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(BaseModel):
@@ -391,6 +576,8 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)
+    function_call: FunctionCall | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):

@@ -62,6 +62,8 @@ class Gateway:
     # one router.refresh at a time: the refresh loop's and a hot-add's would race
     refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     ready: bool = False
+    # set by SIGTERM (gateway/admission.py): /ready answers 503 while requests finish
+    draining: bool = False
     failure: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
 

@@ -135,10 +135,13 @@ class Recorder:
         route: Route | None,
         router: Router | None,
         headers: Mapping[str, str],
+        caller: tuple[str, str | None] | None = None,
     ) -> Tag:
         """The Tag of a request about to run on `model`: its class and routing facts from
-        `route` (model "auto"), or, for a named model, the class its headers and key give."""
-        key = api_key_of(headers.get("authorization"))
+        `route` (model "auto"), or, for a named model, the class its headers and key give
+        (`caller`: the authenticated key's name and class; else the bearer token)."""
+        key = caller[0] if caller else api_key_of(headers.get("authorization"))
+        key_class = caller[1] if caller else None
         known: dict[str, Any] = {"key_hash": key_hash(key)}
         log_content = False
         if router is not None:
@@ -149,7 +152,7 @@ class Recorder:
                     route_reason=route.reason, price_per_1k=route.price_per_1k,
                 )  # fmt: skip
             else:
-                found = router.slo_class(requested, headers, key)
+                found = router.slo_class(requested, headers, key, key_class)
                 slo_class = found[0] if found else None
                 known["price_per_1k"] = router.price_per_1k(model)
             if slo_class is not None:

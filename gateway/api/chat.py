@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import APIRouter, Request, Response
 
 from gateway.api.generation import Job, Result, fan_out, parse_body, run, sampling, sse, target
+from gateway.openapi import CHAT_EXAMPLE, GENERATION_ERRORS, request_body, responses
 from gateway.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -20,29 +21,44 @@ from gateway.protocol import (
     Usage,
     chat_logprobs,
     chat_messages,
+    check_supported,
     new_id,
     now,
+    tool_calls_out,
 )
 from gateway.routing.router import request_text
 from gateway.state import GatewayDep
-from models.backends.base import GenerationChunk, GenerationRequest, TokenLogprob
+from models.backends.base import GenerationChunk, GenerationRequest, TokenLogprob, merge_tool_calls
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    operation_id="createChatCompletion",
+    summary="Create a chat completion (`stream: true` for server-sent events)",
+    openapi_extra=request_body(ChatCompletionRequest, CHAT_EXAMPLE),
+    responses=responses(ChatCompletion, *GENERATION_ERRORS, stream=ChatCompletionChunk),
+)
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     req = await parse_body(request, ChatCompletionRequest, gw.config.limits.max_body_bytes)
     req.check()
     messages = chat_messages(req.messages)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens or req.max_tokens
-    params = sampling(req, gw, max_tokens, param)
-    to = target(gw, request, req.model, request_text(messages), params.max_tokens)
+    params = replace(sampling(req, gw, max_tokens, param), response_format=req.output_format())
+    # structured outputs and tools: auto picks among the models that support them; a
+    # named model that cannot is a 400 naming the field
+    needs = req.needs()
+    capabilities = frozenset(n.capability for n in needs)
+    to = target(gw, request, req.model, request_text(messages), params.max_tokens, capabilities)
+    check_supported(to.backend.card(), needs)
     rid = new_id("chatcmpl")
     gen = GenerationRequest(
-        request_id=rid, params=params, messages=messages, stream=bool(req.stream)
-    )
+        request_id=rid, params=params, messages=messages, stream=bool(req.stream),
+        tools=req.tool_spec(),
+    )  # fmt: skip
     job = Job(
         to.backend,
         fan_out(gen, req.choices()),
@@ -68,7 +84,7 @@ class ChatRender:
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=r.text),
+                message=_message(r),
                 logprobs=self._logprobs(r.logprobs),
                 finish_reason=r.finish_reason,
             )
@@ -84,10 +100,10 @@ class ChatRender:
             events.append(
                 self._event(ChatChunkChoice(index=index, delta=Delta(role="assistant", content="")))
             )
-        if chunk.text or chunk.finish_reason:
+        if chunk.text or chunk.finish_reason or chunk.tool_calls:
             choice = ChatChunkChoice(
                 index=index,
-                delta=Delta(content=chunk.text) if chunk.text else Delta(),
+                delta=_delta(chunk),
                 logprobs=self._logprobs(chunk.logprobs),
                 finish_reason=chunk.finish_reason,
             )
@@ -110,3 +126,18 @@ class ChatRender:
                 id=self.rid, created=self.created, model=self.model, choices=[choice]
             )
         )
+
+
+def _message(r: Result) -> AssistantMessage:
+    """The answer; with tool calls, their whole form (content null when it has none)."""
+    if not r.tool_calls:
+        return AssistantMessage(content=r.text)
+    tools, legacy = tool_calls_out(merge_tool_calls(r.tool_calls), delta=False)
+    return AssistantMessage(content=r.text or None, tool_calls=tools, function_call=legacy)
+
+
+def _delta(chunk: GenerationChunk) -> Delta:
+    if not chunk.tool_calls:
+        return Delta(content=chunk.text) if chunk.text else Delta()
+    tools, legacy = tool_calls_out(chunk.tool_calls, delta=True)
+    return Delta(content=chunk.text or None, tool_calls=tools, function_call=legacy)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request, Response
 
 from gateway.api.generation import Job, Result, fan_out, parse_body, run, sampling, sse, target
+from gateway.openapi import COMPLETION_EXAMPLE, GENERATION_ERRORS, request_body, responses
 from gateway.protocol import (
     Completion,
     CompletionChoice,
@@ -24,7 +25,14 @@ from models.backends.base import GenerationChunk, GenerationRequest, TokenLogpro
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    operation_id="createCompletion",
+    summary="Create a completion (legacy; `stream: true` for server-sent events)",
+    openapi_extra=request_body(CompletionRequest, COMPLETION_EXAMPLE),
+    responses=responses(Completion, *GENERATION_ERRORS, stream=Completion),
+)
 async def completions(request: Request, gw: GatewayDep) -> Response:
     req = await parse_body(request, CompletionRequest, gw.config.limits.max_body_bytes)
     req.check()

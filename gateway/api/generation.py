@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from fastapi import Request, Response
@@ -22,12 +22,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from gateway.api.tracking import Listener, Tracker
+from gateway.auth import admit, caller_of
 from gateway.errors import (
     BodyTooLarge,
     ContextLengthExceeded,
+    GatewayError,
     InvalidRequest,
     ServiceUnavailable,
     TimedOut,
+    UpstreamFailure,
     error_response,
     sse_error,
     validation_error,
@@ -42,6 +45,7 @@ from models.backends.base import (
     PromptTooLong,
     SamplingParams,
     TokenLogprob,
+    ToolCall,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -136,13 +140,15 @@ class Target:
         listeners: list[Listener] = []
         if route is not None and router is not None:
             listeners.append(functools.partial(router.observe, route))
+        if router is not None:  # every ending, routed or not, feeds the model's breaker
+            listeners.append(functools.partial(router.feed, self.model))
         keep_text = False
         if recorder is not None:
             config = gw.config.model(self.model)
             tag = recorder.tag(
                 job.requests[0], endpoint=endpoint, requested=self.requested, model=self.model,
                 role=config.role if config else "student", route=route, router=router,
-                headers=request.headers,
+                headers=request.headers, caller=_caller(request),
             )  # fmt: skip
             listeners.append(functools.partial(recorder.finish, tag))
             keep_text = tag.keeps_text
@@ -151,25 +157,42 @@ class Target:
         return Tracker(gw.metrics, self.model, endpoint, tuple(listeners), keep_text)
 
 
-def target(gw: Gateway, request: Request, model: str, text: str, max_tokens: int) -> Target:
-    """Route `model: "auto"` / `"auto:<class>"`; any other name is served as asked."""
+def _caller(request: Request) -> tuple[str, str | None] | None:
+    caller = caller_of(request)
+    return (caller.name, caller.slo_class) if caller else None
+
+
+def target(
+    gw: Gateway, request: Request, model: str, text: str, max_tokens: int,
+    needs: frozenset[str] = frozenset(),
+) -> Target:  # fmt: skip
+    """Route `model: "auto"` / `"auto:<class>"` among the models that support `needs`
+    (structured outputs, tool calling); any other name is served as asked."""
     if not is_auto(model):
         return Target(gw.backend(model), model, None, model)
     if not gw.ready or gw.router is None:
         reason = gw.failure or "the gateway is still loading its models"
         raise ServiceUnavailable(f"Not ready: {reason}.", retry_after=5)
-    key = api_key_of(request.headers.get("authorization"))
-    route = gw.router.route(text, model, request.headers, key, max_tokens)
+    # The policy's api_keys name keys (the bearer token itself with auth.mode none); a
+    # key's own class, set by `keys create --class`, wins over the policy's.
+    caller = caller_of(request)
+    key = caller.name if caller else api_key_of(request.headers.get("authorization"))
+    key_class = caller.slo_class if caller else None
+    route = gw.router.route(
+        text, model, request.headers, key, max_tokens, key_class=key_class, needs=needs
+    )
     return Target(gw.backend(route.model), route.model, route, model)
 
 
 @dataclass
 class Result:
-    """One choice, whole. `logprobs` is None when the backend sent none."""
+    """One choice, whole. `logprobs` is None when the backend sent none; `tool_calls`
+    holds the pieces of the tool calls it made, in order (None: none)."""
 
     text: str
     finish_reason: str
     logprobs: list[TokenLogprob] | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Render(Protocol):
@@ -198,20 +221,68 @@ class Job:
 async def run(
     request: Request, gw: Gateway, to: Target, endpoint: str, job: Job, render: Render
 ) -> Response:
-    """Serve `job` on `to` and answer: JSON, or SSE when it streams."""
+    """Serve `job` on `to` and answer: JSON, or SSE when it streams. A routed request
+    whose model fails before the first token is served once more, by the next-best model
+    of its routing decision (`_failover`); the failed attempt is counted as that model's."""
+    settle = await admit(request, job.requests)  # the key's rpm/tpm (gateway/auth.py): 429
     tracker = to.tracker(gw, endpoint, request, job)
-    if job.stream:
-        return await _stream(gw, job, tracker, render, to.headers)
+    if settle is not None:  # corrects the tokens reserved to those used
+        tracker.listeners += (settle,)
     try:
+        if job.stream:
+            return await _stream(gw, job, tracker, render, to.headers)
         results = await cancel_on_disconnect(request, _complete(gw, job, tracker))
     except asyncio.CancelledError:
         tracker.done("cancelled")
         raise
     except Exception as exc:
-        return error_response(tracker.fail(exc, job.param), to.headers)
+        err = tracker.fail(exc, job.param)
+        retry = _failover(gw, to, tracker, err)
+        if retry is None:
+            return error_response(err, to.headers)
+        job = replace(job, backend=retry.backend)
+        return await run(request, gw, retry, endpoint, job, _answering_as(render, retry.model))
     tracker.done("success")
     body = render.body(results, tracker.usage())
     return Response(body.model_dump_json(), media_type="application/json", headers=to.headers)
+
+
+def _failover(gw: Gateway, to: Target, tracker: Tracker, err: GatewayError) -> Target | None:
+    """Where a failed routed request goes next, or None: only once, only for `auto`, only
+    before any token (after it a stream has begun, and an answer is not started twice), only
+    for failures of the model (`failover_reason`), and only to a model whose circuit lets
+    the request through."""
+    route, router = to.route, gw.router
+    if route is None or router is None or route.failed_over is not None:
+        return None
+    reason = failover_reason(err)
+    if reason is None or tracker.first is not None or not gw.config.failover.retry:
+        return None
+    retry = router.failover(route)
+    backend = gw.backends.get(retry.model) if retry is not None else None
+    if retry is None or backend is None:
+        return None
+    gw.metrics.failovers.labels(to.model, retry.model, reason).inc()
+    return Target(backend, retry.model, retry, to.requested)
+
+
+def failover_reason(err: GatewayError) -> str | None:
+    """The failovers_total reason of an error that another model may do better on, or None:
+    a 4xx is the request's own fault (or, 429, a full queue: the model is alive), and the
+    gateway's own timeouts have spent the time the client gave the request."""
+    if err.status < 500 or isinstance(err, TimedOut):
+        return None
+    if isinstance(err, UpstreamFailure):
+        return "upstream_error"
+    return "unavailable" if isinstance(err, ServiceUnavailable) else "server_error"
+
+
+def _answering_as(render: Render, model: str) -> Render:
+    """`render` naming `model` in its bodies (chat's and completions' renders are frozen
+    dataclasses with a `model` field; any other is kept as it is)."""
+    if is_dataclass(render) and any(f.name == "model" for f in fields(render)):
+        return replace(render, model=model)  # type: ignore[type-var]
+    return render
 
 
 async def _open(
@@ -286,15 +357,19 @@ async def _collect(job: Job, request: GenerationRequest, index: int, tracker: Tr
     stream, chunk = await _open(job, request, None, tracker, index)
     parts: list[str] = []
     logprobs: list[TokenLogprob] | None = None
+    calls: list[ToolCall] | None = None
     async with contextlib.aclosing(stream):
         while True:
             parts.append(chunk.text)
             if chunk.logprobs is not None:
                 logprobs = logprobs or []
                 logprobs.extend(chunk.logprobs)
+            if chunk.tool_calls:
+                calls = [*(calls or ()), *chunk.tool_calls]
             following = await anext(stream, None)
             if following is None:
-                return Result("".join(parts), chunk.finish_reason or "stop", logprobs)
+                reason = chunk.finish_reason or "stop"
+                return Result("".join(parts), reason, logprobs, calls)
             tracker.chunk(following, index)
             chunk = following
 
@@ -305,13 +380,7 @@ async def _stream(
     """SSE once every choice has its first chunk (an error before that is an HTTP status);
     an error after that goes out as an error event, then `[DONE]`."""
     idle = gw.config.limits.stream_idle_timeout_s
-    try:
-        opened = await _open_all(job, idle, tracker)
-    except asyncio.CancelledError:
-        tracker.done("cancelled")
-        raise
-    except Exception as exc:
-        return error_response(tracker.fail(exc, job.param), headers)
+    opened = await _open_all(job, idle, tracker)  # its errors are run's (and may fail over)
     events = _events(opened, idle, tracker, render, job.param)
     return StreamingResponse(
         events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers}

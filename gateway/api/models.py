@@ -6,18 +6,31 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from gateway.errors import ModelNotFound
+from gateway.openapi import MODEL_LINKS, responses
 from gateway.protocol import ModelEntry, ModelList
 from gateway.state import Gateway, GatewayDep
 
 router = APIRouter()
 
 
-@router.get("/v1/models", response_model=None)
+@router.get(
+    "/v1/models",
+    response_model=None,
+    operation_id="listModels",
+    summary="List the models, then `auto` and one `auto:<class>` per SLO class",
+    responses=responses(ModelList, 401, links=MODEL_LINKS),
+)
 async def list_models(gw: GatewayDep) -> Response:
     return Response(ModelList(data=_entries(gw)).model_dump_json(), media_type="application/json")
 
 
-@router.get("/v1/models/{model_id:path}", response_model=None)
+@router.get(
+    "/v1/models/{model_id:path}",
+    response_model=None,
+    operation_id="retrieveModel",
+    summary="Retrieve a model",
+    responses=responses(ModelEntry, 401, 404),
+)
 async def retrieve_model(model_id: str, gw: GatewayDep) -> Response:
     entries = _entries(gw)
     for entry in entries:

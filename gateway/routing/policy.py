@@ -6,7 +6,7 @@ when no model meets a class, the exploration share and the cost table.
                     p95_ttft_ms: 300, p95_latency_ms: 2000}
       batch:       {min_quality: 0.90, max_cost_per_1k_tokens: 0.02}
     default_class: interactive
-    api_keys: {team-a: {class: batch}}   # the bearer token a client sends -> its class
+    api_keys: {team-a: {class: batch}}   # a key's NAME (`distillgate keys create`) -> class
     fallback: teacher                    # teacher | best_effort | reject
     exploration: 0.02
     teacher_cost_per_1k_tokens: 0.10     # models without a cost: scaled by parameters
@@ -56,6 +56,10 @@ class SloClass(_Strict):
 
 
 class ApiKey(_Strict):
+    """The class of the key of this name (gateway/auth.py; a key made with `keys create
+    --class` has its own, which wins). With auth.mode none there are no keys, and the
+    name is matched against the bearer token as sent: a label, not a secret."""
+
     slo_class: str = Field(alias="class")
 
 
@@ -79,6 +83,13 @@ class Policy(_Strict):
         if bad:
             listed = ", ".join(f"{k} -> {c!r}" for k, c in sorted(bad.items()))
             raise ValueError(f"api_keys name classes that do not exist: {listed}")
+        secrets = sorted(k[:11] + "..." for k in self.api_keys if k.startswith("dg-"))
+        if secrets:  # a key's secret pasted into a file: never keep secrets in the policy
+            raise ValueError(
+                f"api_keys must name keys, not hold them ({', '.join(secrets)}); give the "
+                "key's name, or make it with `distillgate keys create --name NAME --class "
+                "CLASS` and drop it from the policy"
+            )
         negative = sorted(k for k, v in self.costs.items() if v < 0)
         if negative:
             raise ValueError(f"costs must be >= 0: {', '.join(negative)}")

@@ -14,6 +14,11 @@ Students being rolled out (`rollouts`, set by the gateway from the adaptation lo
 state) are gated here: one in shadow or retired is never a candidate, one in canary only
 for its own domain and only for its share of those requests; and a teacher-answered
 request of a domain with a student in shadow or canary names it for a shadow answer.
+
+Failover: a model whose circuit breaker (gateway/routing/breaker.py, fed by every request's
+ending through `feed`) is open is not a candidate, a half-open one takes one probe at a
+time; a Route keeps its decision's candidates, and `failover` gives a request whose model
+failed before its first token the route to the next-best of them (`ranking`) still up.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.adapt.rollout import Rollout
 from gateway.config import GatewayConfig, LocalModel
-from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.errors import InvalidRequest, ServiceUnavailable, Unsupported
 from gateway.metrics import Metrics
+from gateway.routing.breaker import Breakers, Rules, outcome_of
 from gateway.routing.domains import GENERAL, DomainDetector, fit_for
 from gateway.routing.estimates import Estimates, cost_per_1k
 from gateway.routing.policy import DEFAULT_POLICY, Policy, PolicyFile, SloClass
 from gateway.routing.quality import QualityTable, build_table, z_for
-from gateway.routing.selector import Candidate, Decision, Slo, choose
+from gateway.routing.selector import Candidate, Decision, Slo, choose, ranking
 from models.backends.base import Backend
 from models.store import Manifest, ModelStore, StoreError, read_manifest
 
@@ -71,15 +77,22 @@ class Route:
     teacher_cost: float
     price_per_1k: float  # the chosen model's, for the cost of the tokens it really used
     shadow: str | None = None  # a student to answer this teacher-answered request too
+    # what the decision chose from, and its fallback: where a failed request goes next
+    candidates: tuple[Candidate, ...] = ()
+    fallback: str = "reject"
+    failed_over: str | None = None  # the model that failed this request before its retry
 
     def headers(self) -> dict[str, str]:
-        return {
+        headers = {
             "x-distillgate-model": self.model,
             "x-distillgate-class": self.slo_class,
             "x-distillgate-predicted-quality": f"{self.quality:.4f}",
             "x-distillgate-route-reason": self.reason,
             "x-distillgate-domain": self.domain,
         }
+        if self.failed_over is not None:
+            headers["x-distillgate-failover"] = self.failed_over
+        return headers
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,8 @@ class Router:
     # student -> its rollout; replaced wholesale by the gateway, never mutated in place
     rollouts: dict[str, Rollout] = field(default_factory=dict)
     gated_for: tuple[dict[str, Rollout], _Gates] | None = None
+    # one circuit breaker per model (gateway/routing/breaker.py), fed by every request
+    breakers: Breakers = field(default_factory=Breakers)
 
     @classmethod
     def build(
@@ -156,6 +171,7 @@ class Router:
         if router.policy.seed is not None:
             router.rng.seed(router.policy.seed)
         router.models = router._load_models()
+        router._watch_circuits()
         return router
 
     @property
@@ -235,12 +251,17 @@ class Router:
     # -- a request ---------------------------------------------------------------------
 
     def _slo_class(
-        self, policy: Policy, requested: str, headers: Mapping[str, str], api_key: str | None
-    ) -> tuple[str, SloClass]:
+        self, policy: Policy, requested: str, headers: Mapping[str, str], api_key: str | None,
+        key_class: str | None = None,
+    ) -> tuple[str, SloClass]:  # fmt: skip
+        """`api_key` is the caller's key name (gateway/auth.py; with auth.mode none, the
+        bearer token), `key_class` that key's own class, which wins over the policy's."""
         name = headers.get("x-distillgate-slo")
         param = "x-distillgate-slo"
         if name is None and requested.startswith(AUTO + ":"):
             name, param = requested.split(":", 1)[1], "model"
+        if name is None and key_class:
+            name, param = key_class, "authorization"
         if name is None and api_key and api_key in policy.api_keys:
             name = policy.api_keys[api_key].slo_class
         name = name or policy.default_class
@@ -269,12 +290,12 @@ class Router:
 
     def route(
         self, text: str, requested: str, headers: Mapping[str, str], api_key: str | None,
-        max_tokens: int,
+        max_tokens: int, *, key_class: str | None = None, needs: frozenset[str] = frozenset(),
     ) -> Route:  # fmt: skip
         policy, models = self.policy, self.models
         if models is None:
             raise ServiceUnavailable("Not ready: routing is still loading.", retry_after=5)
-        class_name, slo_class = self._slo_class(policy, requested, headers, api_key)
+        class_name, slo_class = self._slo_class(policy, requested, headers, api_key, key_class)
         detection = models.detector.detect(text, policy.min_domain_confidence)
         domain = detection.domain
         relative = slo_class.quality_basis == "relative_to_teacher"
@@ -285,7 +306,7 @@ class Router:
         teacher_params = self._parameters(reference) if reference else None
         gates = self._gates()
         candidates = []
-        for name, backend in self.backends.items():
+        for name, backend in self._capable(needs).items():
             if gates is not NO_GATES and not self._admitted(gates, name, domain):
                 continue
             price = cost_per_1k(name, policy.costs, policy.teacher_cost_per_1k_tokens,
@@ -301,7 +322,8 @@ class Router:
         slo = Slo(slo_class.min_quality, slo_class.p95_ttft_ms, slo_class.p95_latency_ms,
                   slo_class.max_cost_per_1k_tokens)  # fmt: skip
         decision: Decision = choose(
-            candidates, slo, fallback=policy.fallback, exploration=policy.exploration,
+            self._routable(candidates), slo, fallback=policy.fallback,
+            exploration=policy.exploration,
             draws=(self.rng.random(), self.rng.random()),
         )  # fmt: skip
         self.metrics.domain_detections.labels(domain).inc()
@@ -315,10 +337,65 @@ class Router:
         chosen = next(c for c in candidates if c.name == decision.model)
         teacher = next((c for c in candidates if c.teacher), chosen)
         shadow = self._shadow(gates, decision.model, domain) if gates.shadows else None
+        self.breakers.admit(decision.model)
         return Route(decision.model, class_name, decision.reason, domain,
                      detection.confidence, decision.quality, slo, chosen.ttft_ms,
                      chosen.latency_ms, chosen.cost, teacher.cost,
-                     chosen.cost_per_1k, shadow)  # fmt: skip
+                     chosen.cost_per_1k, shadow, tuple(candidates), policy.fallback)  # fmt: skip
+
+    def _capable(self, needs: frozenset[str]) -> Mapping[str, Backend]:
+        """The served models whose cards support all `needs` (structured outputs, tool
+        calling): a model that cannot honour a request is never its candidate."""
+        if not needs:
+            return self.backends
+        capable = {n: b for n, b in self.backends.items() if needs <= b.card().supports}
+        if not capable:
+            raise Unsupported(
+                f"No model this gateway serves supports {' and '.join(sorted(needs))}, which "
+                "this request asks for (response_format / tool calling); send it without them."
+            )
+        return capable
+
+    # -- failover ----------------------------------------------------------------------
+
+    def _watch_circuits(self) -> None:
+        f = self.config.failover
+        rules = Rules(f.failures_to_open, f.cool_down_s, f.max_cool_down_s, f.probe_timeout_s)
+        self.breakers = Breakers(rules, metrics=self.metrics)
+        for model in self.config.models:
+            self.breakers.watch(model.name)
+
+    def _routable(self, candidates: list[Candidate]) -> list[Candidate]:
+        """The candidates whose circuit lets a request through. When every circuit is open,
+        all of them (as Envoy's panic threshold): trying beats refusing everything."""
+        breakers = self.breakers
+        if not breakers.circuits:
+            return candidates
+        now = breakers.clock()
+        return [c for c in candidates if breakers.available(c.name, now)] or candidates
+
+    def failover(self, route: Route) -> Route | None:
+        """The route of a request whose model failed before its first token: the decision's
+        next-best model whose circuit lets it through, or None (nothing left to try)."""
+        now, by_name = self.breakers.clock(), {c.name: c for c in route.candidates}
+        pick = next((by_name[n] for n in ranking(route.candidates, route.slo, route.fallback)
+                     if n != route.model and n in self.backends
+                     and self.breakers.available(n, now)), None)  # fmt: skip
+        if pick is None:
+            return None
+        self.breakers.admit(pick.name)
+        self.metrics.route_decisions.labels(pick.name, route.slo_class, "failover").inc()
+        return dataclasses.replace(
+            route, model=pick.name, reason="failover", quality=pick.quality,
+            predicted_ttft_ms=pick.ttft_ms, predicted_latency_ms=pick.latency_ms,
+            cost=pick.cost, price_per_1k=pick.cost_per_1k, shadow=None, candidates=(),
+            failed_over=route.model,
+        )  # fmt: skip
+
+    def feed(self, model: str, ending: Ending) -> None:
+        """A request to `model` ended (routed or named): its circuit breaker learns."""
+        self.breakers.watch(model)  # a student added while serving, say
+        self.breakers.record(model, outcome_of(ending.status, ending.outcome))
 
     # -- rollouts ----------------------------------------------------------------------
 
@@ -356,12 +433,13 @@ class Router:
         return served[min(int(draw / share * len(served)), len(served) - 1)]
 
     def slo_class(
-        self, requested: str, headers: Mapping[str, str], api_key: str | None
-    ) -> tuple[str, SloClass] | None:
+        self, requested: str, headers: Mapping[str, str], api_key: str | None,
+        key_class: str | None = None,
+    ) -> tuple[str, SloClass] | None:  # fmt: skip
         """The class of a request that names its model (no routing): for the traffic log
         only, so a class that does not exist is no error here."""
         try:
-            return self._slo_class(self.policy, requested, headers, api_key)
+            return self._slo_class(self.policy, requested, headers, api_key, key_class)
         except InvalidRequest:
             return None
 
@@ -429,7 +507,7 @@ def request_text(messages_or_prompt: Any) -> str:
     """The text the domain detector reads: every message's content, or the prompt."""
     if isinstance(messages_or_prompt, str):
         return messages_or_prompt
-    return "\n".join(str(m.get("content", "")) for m in messages_or_prompt)
+    return "\n".join(str(m.get("content") or "") for m in messages_or_prompt)
 
 
 def api_key_of(authorization: str | None) -> str | None:

@@ -93,3 +93,30 @@ def _unmet(candidates: Sequence[Candidate], slo: Slo, fits) -> str:
         ("p95_ttft_ms", slo.p95_ttft_ms), ("p95_latency_ms", slo.p95_latency_ms),
         ("max_cost_per_1k_tokens", slo.max_cost_per_1k_tokens)) if v is not None)  # fmt: skip
     return f"no model meeting min_quality {slo.min_quality:g} also meets {bounds}"
+
+
+def ranking(
+    candidates: Sequence[Candidate], slo: Slo, fallback: str = "teacher"
+) -> tuple[str, ...]:
+    """Every model the policy would send this request to, best first: the feasible ones,
+    cheapest first; then, unless the fallback is `reject`, the teacher (for `teacher`)
+    and the others, those meeting the latency and cost bounds first, by quality. Where a
+    request whose model failed goes next (computed then, not on every request)."""
+    fits = _fits(slo)
+    feasible = sorted((c for c in candidates if c.quality >= slo.min_quality and fits(c)),
+                      key=lambda c: (c.cost, c.latency_ms))  # fmt: skip
+    order = [c.name for c in feasible]
+    if fallback in ("teacher", "best_effort"):
+        first = fallback == "teacher"
+        rest = sorted(candidates, key=lambda c: (
+            not (first and c.teacher), not fits(c), -c.quality, c.cost))  # fmt: skip
+        order += [c.name for c in rest]
+    return tuple(dict.fromkeys(order))
+
+
+def _fits(slo: Slo):
+    inf = math.inf
+    ttft = inf if slo.p95_ttft_ms is None else slo.p95_ttft_ms
+    latency = inf if slo.p95_latency_ms is None else slo.p95_latency_ms
+    price = inf if slo.max_cost_per_1k_tokens is None else slo.max_cost_per_1k_tokens
+    return lambda c: c.ttft_ms <= ttft and c.latency_ms <= latency and c.cost_per_1k <= price

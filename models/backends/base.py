@@ -14,12 +14,42 @@ OpenAI error envelope, so `models/` never imports `gateway/`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 Role = Literal["teacher", "student"]
-FinishReason = Literal["stop", "length"]
+# tool_calls / function_call: a remote model ended its turn by calling a tool
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
+# What a request may need of a model beyond plain text (ModelCard.supports).
+Capability = Literal["json_object", "json_schema", "tools"]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """OpenAI's `response_format` for structured outputs: `json_object` (any JSON object)
+    or `json_schema` (the answer follows `schema`, kept as JSON text so the value stays
+    immutable). A local backend constrains its decoding to it; a remote one is sent it."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: str | None = None  # JSON text of the schema (json_schema only)
+    name: str | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+    def openai(self) -> dict[str, Any]:
+        """The `response_format` object as OpenAI's API takes it."""
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        spec: dict[str, Any] = {"name": self.name or "response"}
+        if self.description is not None:
+            spec["description"] = self.description
+        if self.schema is not None:
+            spec["schema"] = json.loads(self.schema)
+        if self.strict is not None:
+            spec["strict"] = self.strict
+        return {"type": "json_schema", "json_schema": spec}
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,57 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids unique
     logprobs: bool = False
     top_logprobs: int = 0
+    response_format: OutputFormat | None = None  # None: plain text
+
+
+@dataclass(frozen=True)
+class Tools:
+    """Tool calling as the client asked for it, for backends whose card supports "tools":
+    OpenAI's `tools`, `tool_choice`, `parallel_tool_calls` and the legacy `functions` and
+    `function_call`, as the client sent them (already checked by the gateway)."""
+
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: tuple[dict[str, Any], ...] = ()
+    function_call: str | dict[str, Any] | None = None
+
+    def openai(self) -> dict[str, Any]:
+        """The fields that are set, as an OpenAI request body names them."""
+        fields = {
+            "tools": list(self.tools),
+            "tool_choice": self.tool_choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
+            "functions": list(self.functions),
+            "function_call": self.function_call,
+        }
+        return {k: v for k, v in fields.items() if v is not None and v != []}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call a model made (OpenAI's `tool_calls[i]`), or a piece of one in a stream:
+    `index` says which call a piece belongs to, `id` and `name` come with its first piece
+    and `arguments` in fragments. `legacy` marks the legacy API's `function_call`."""
+
+    index: int = 0
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    legacy: bool = False
+
+
+def merge_tool_calls(pieces: Iterable[ToolCall]) -> tuple[ToolCall, ...]:
+    """Whole calls from streamed pieces, in the order their first pieces came: the
+    fragments of each (legacy, index) joined, its first id and name kept."""
+    calls: dict[tuple[bool, int], ToolCall] = {}
+    for p in pieces:
+        key = (p.legacy, p.index)
+        seen = calls.get(key)
+        calls[key] = p if seen is None else ToolCall(
+            p.index, seen.id or p.id, seen.name or p.name, seen.arguments + p.arguments, p.legacy
+        )  # fmt: skip
+    return tuple(calls.values())
 
 
 @dataclass(frozen=True)
@@ -52,15 +133,19 @@ class GenerationRequest:
 
     `messages` are OpenAI chat messages reduced to `{"role": str, "content": str}`; the
     backend renders them with its model's chat template (a remote server applies its own).
+    Tool calling keeps what the upstream needs: an assistant message's `tool_calls` (its
+    content may then be None), a `tool` message's `tool_call_id`, a `function` one's name.
+    `tools` is set only for a model whose card supports "tools".
     """
 
     request_id: str
     params: SamplingParams
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     prompt: str | None = None
     # A hint: False means the caller wants only the whole answer, so a backend may
     # deliver it as a single final chunk (a remote backend then skips SSE parsing).
     stream: bool = True
+    tools: Tools | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -86,6 +171,8 @@ class GenerationChunk:
     With `SamplingParams.logprobs`, `logprobs` holds the tokens sampled since the
     previous chunk (in a non-streamed answer, the final chunk holds them all); None when
     not asked for. Tokens held back for a stop string arrive with the text they make.
+    `tool_calls` holds the tool calls (whole, or pieces of them in a stream) a remote
+    model made; None when it made none.
     """
 
     text: str
@@ -94,11 +181,14 @@ class GenerationChunk:
     completion_tokens: int | None = None
     batch_size: int | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
 
 
 @dataclass(frozen=True)
 class ModelCard:
-    """What routing and `/v1/models` need to know about a served model."""
+    """What routing and `/v1/models` need to know about a served model. `supports`: what
+    it can honour beyond plain text (structured outputs, tool calling); the router sends
+    a request only to models that support all it needs."""
 
     name: str
     backend: str
@@ -108,6 +198,7 @@ class ModelCard:
     parent: str | None = None
     created: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    supports: frozenset[Capability] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.backends.base import FinishReason, InvalidParams, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from models.backends.constrained import Constraint
 
 # Below this a temperature is treated as 0: dividing logits by it would overflow.
 _GREEDY_TEMPERATURE = 1e-5
@@ -148,21 +151,27 @@ def token_texts(tokenizer: Any) -> Callable[[list[int]], list[str]]:
 
 @dataclass
 class TokenChooser:
-    """Chooses one sequence's next tokens: adjust the logits, sample, and record each
-    token's log-probabilities until the text they make is sent (`take_logprobs`)."""
+    """Chooses one sequence's next tokens: adjust the logits, mask them to what a
+    structured output's grammar allows (`constraint`), sample, and record each token's
+    log-probabilities until the text they make is sent (`take_logprobs`)."""
 
     params: SamplingParams
     generator: torch.Generator
     adjuster: LogitsAdjuster | None = None
     texts: Callable[[list[int]], list[str]] | None = None  # set when logprobs are asked for
     pending: list[TokenLogprob] = field(default_factory=list)
+    constraint: Constraint | None = None
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token id from this sequence's row of float32 CPU logits."""
         adjusted = logits if self.adjuster is None else self.adjuster.apply(logits)
+        if self.constraint is not None:  # last, so no bias can revive a masked token
+            adjusted = self.constraint.apply(adjusted)
         token_id = sample_token(adjusted, self.params, self.generator)
         if self.adjuster is not None:
             self.adjuster.observe(token_id)
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
         if self.texts is not None:
             top = self.params.top_logprobs
             self.pending.append(token_logprob(logits, token_id, top, self.texts))

@@ -32,6 +32,7 @@ from models.backends.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    InvalidParams,
     Load,
     ModelCard,
     Overloaded,
@@ -39,6 +40,7 @@ from models.backends.base import (
     Role,
     Unavailable,
 )
+from models.backends.constrained import Constraints
 from models.backends.decoding import (
     IncrementalDetokenizer,
     LogitsAdjuster,
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Structured outputs by constrained decoding (constrained.py); tools need a tool parser.
+SUPPORTS = frozenset({"json_object", "json_schema"})
 
 
 def set_threads(n: int | None) -> None:
@@ -115,6 +119,7 @@ class _Loaded:
     parameters: int
     non_embedding_parameters: int
     created: int
+    constraints: Constraints  # uses `tokenizer`: only on the tokenising thread
 
 
 class LocalBackend:
@@ -202,17 +207,19 @@ class LocalBackend:
         model.to(device).eval()
         check_model(model)
         total, non_embedding = _count_parameters(model)
+        eos_ids = eos_token_ids(model.config, model.generation_config, tokenizer)
         return _Loaded(
             model=model,
             tokenizer=tokenizer,
             detokenizer=AutoTokenizer.from_pretrained(self.path, local_files_only=True),
-            eos_ids=eos_token_ids(model.config, model.generation_config, tokenizer),
+            eos_ids=eos_ids,
             vocab_size=int(model.config.vocab_size),
             device=device,
             context_length=self.context_length or model.config.max_position_embeddings,
             parameters=total,
             non_embedding_parameters=non_embedding,
             created=int(time.time()),
+            constraints=Constraints(tokenizer, int(model.config.vocab_size), eos_ids),
         )
 
     # -- the Backend protocol --------------------------------------------------------
@@ -251,6 +258,7 @@ class LocalBackend:
                 context_length=self.context_length or _config_context_length(self.path),
                 parent=self.parent,
                 extra={"device": self.device, "dtype": self.dtype},
+                supports=SUPPORTS,
             )
         return ModelCard(
             name=self.name,
@@ -265,6 +273,7 @@ class LocalBackend:
                 "device": loaded.device,
                 "dtype": self.dtype,
             },
+            supports=SUPPORTS,
         )
 
     def load(self) -> Load:
@@ -279,8 +288,15 @@ class LocalBackend:
             raise Unavailable(f"model {self.name!r} is not running", retry_after=5.0)
         params = request.params
         check_logit_bias(params, loaded.vocab_size)
+        if request.tools is not None:
+            raise InvalidParams(f"tools: model {self.name!r} cannot call tools (a local model "
+                                "has no tool parser)", param="tools")  # fmt: skip
         loop = asyncio.get_running_loop()
         prompt_ids = await loop.run_in_executor(executor, _encode, loaded.tokenizer, request)
+        constraint = None
+        if params.response_format is not None:  # compiling a schema takes a few ms
+            make = loaded.constraints.create
+            constraint = await loop.run_in_executor(executor, make, params.response_format)
         if len(prompt_ids) + params.max_tokens > loaded.context_length:
             raise PromptTooLong(len(prompt_ids), params.max_tokens, loaded.context_length)
         seq = _Sequence(
@@ -292,6 +308,7 @@ class LocalBackend:
                 make_generator(params.seed),
                 LogitsAdjuster.create(params, loaded.vocab_size),
                 token_texts(loaded.detokenizer) if params.logprobs else None,
+                constraint=constraint,
             ),
             loop=loop,
         )

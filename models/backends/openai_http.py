@@ -10,7 +10,10 @@ is parsed line by line as it arrives, and its response closed as soon as the con
 closes the generator, which drops the connection and frees the remote server's slot.
 Sampling fields beyond the basic ones (penalties, logit_bias, logprobs) are sent only when
 set, so servers that do not know them keep working; log-probabilities come back in
-`GenerationChunk.logprobs`. Failures become `base.py`'s exceptions.
+`GenerationChunk.logprobs`. Structured outputs (`response_format`) and tool calling
+(`tools`, `tool_choice`, legacy `functions`, tool messages) are passed through as sent, and
+the tool calls the server makes come back in `GenerationChunk.tool_calls`, whole or as
+stream pieces. Failures become `base.py`'s exceptions.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from models.backends.base import (
     Role,
     SamplingParams,
     TokenLogprob,
+    ToolCall,
     Unavailable,
     UpstreamError,
 )
@@ -48,6 +52,9 @@ KEEPALIVE_S = 4.0
 # What a failed exchange on the wire can raise: httpx's errors, into which the transport
 # maps most of aiohttp's, and the aiohttp errors it lets through unmapped.
 WIRE_ERRORS = (httpx.TransportError, httpx.DecodingError, aiohttp.ClientError)
+# An OpenAI-compatible server honours response_format and calls tools (vLLM needs a tool
+# parser for the latter: see VLLMBackend).
+SUPPORTS = frozenset({"json_object", "json_schema", "tools"})
 
 
 def make_client(
@@ -150,6 +157,7 @@ class OpenAIHTTPBackend:
             role=self._role,
             context_length=self._context_length,
             extra={"url": self.base_url, "served_model": self.served_model},
+            supports=SUPPORTS,
         )
 
     def load(self) -> Load:
@@ -189,8 +197,10 @@ class OpenAIHTTPBackend:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     state.done = True
-                elif text := state.feed(parse_json(data.encode(), self.name)):
-                    yield GenerationChunk(text=text, logprobs=state.take())
+                elif (text := state.feed(parse_json(data.encode(), self.name))) or state.calls:
+                    yield GenerationChunk(
+                        text, logprobs=state.take(), tool_calls=state.take_calls()
+                    )
             yield state.final(self.name, self.base_url + path)
         except WIRE_ERRORS as exc:
             raise self._failure(path, exc) from exc
@@ -269,6 +279,10 @@ def request_body(request: GenerationRequest, model: str, *, stream: bool) -> tup
     if params.stop:
         body["stop"] = list(params.stop)
     body.update(optional_fields(params, chat=chat))
+    if params.response_format is not None and chat:
+        body["response_format"] = params.response_format.openai()
+    if request.tools is not None:
+        body.update(request.tools.openai())
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
     path = CHAT_PATH if chat else COMPLETIONS_PATH
@@ -305,13 +319,18 @@ def parse_json(raw: bytes, backend: str) -> dict:
 
 
 def final_chunk(
-    text: str, reason: object, usage: dict, logprobs: tuple[TokenLogprob, ...] | None = None
+    text: str,
+    reason: object,
+    usage: dict,
+    logprobs: tuple[TokenLogprob, ...] | None = None,
+    tool_calls: tuple[ToolCall, ...] | None = None,
 ) -> GenerationChunk:
-    """The last chunk. Our FinishReason has two values: all but `length` count as a stop."""
-    finish = "length" if reason == "length" else "stop"
+    """The last chunk. Reasons we do not know (content_filter, ...) count as a stop."""
+    known = ("length", "tool_calls", "function_call")
+    finish = reason if isinstance(reason, str) and reason in known else "stop"
     return GenerationChunk(
         text, finish, usage.get("prompt_tokens"), usage.get("completion_tokens"),
-        logprobs=logprobs,
+        logprobs=logprobs, tool_calls=tool_calls,
     )  # fmt: skip
 
 
@@ -321,9 +340,34 @@ def whole_answer(
     """The one chunk of a non-streaming answer: whole text, finish reason, usage, and the
     log-probabilities when they were asked for."""
     choice = (data.get("choices") or [{}])[0]
-    text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+    message = choice.get("message") or {}
+    text = message.get("content") if chat else choice.get("text")
     tokens = tuple(parse_logprobs(choice, chat=chat, backend=backend)) if logprobs else None
-    return final_chunk(text or "", choice.get("finish_reason"), data.get("usage") or {}, tokens)
+    calls = tuple(parse_tool_calls(message, backend)) if chat else ()
+    usage = data.get("usage") or {}
+    return final_chunk(text or "", choice.get("finish_reason"), usage, tokens, calls or None)
+
+
+def parse_tool_calls(message: dict, backend: str) -> list[ToolCall]:
+    """The tool calls of a message or a stream delta (`tool_calls[]`, legacy
+    `function_call`); a piece of a streamed call may lack id, name or arguments."""
+    found = message.get("tool_calls"), message.get("function_call")
+    try:
+        calls = [_call(c, c.get("index", i), c.get("id")) for i, c in enumerate(found[0] or ())]
+        if found[1]:
+            calls.append(dataclasses.replace(_call(found[1], 0, None), legacy=True))
+    except (AttributeError, TypeError, ValueError) as exc:
+        message = f"backend {backend!r} answered with malformed tool calls: {found!r:.200} ({exc})"
+        raise UpstreamError(502, message) from None
+    return calls
+
+
+def _call(entry: dict, index: object, id: object) -> ToolCall:
+    function = entry.get("function", entry)  # a legacy function_call is the function itself
+    name, arguments = function.get("name"), function.get("arguments") or ""
+    if not isinstance(arguments, str) or not isinstance(name, str | None):
+        raise TypeError("name and arguments must be strings")
+    return ToolCall(int(index), None if id is None else str(id), name, arguments)
 
 
 def parse_logprobs(choice: dict, *, chat: bool, backend: str) -> list[TokenLogprob]:
@@ -366,6 +410,7 @@ class StreamState:
     usage: dict = dataclasses.field(default_factory=dict)
     done: bool = False
     pending: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    calls: list[ToolCall] = dataclasses.field(default_factory=list)  # pieces not yet sent
 
     def feed(self, event: dict) -> str:
         """Take one SSE event; return its text delta. An error event raises."""
@@ -376,8 +421,16 @@ class StreamState:
         self.finish = choice.get("finish_reason") or self.finish
         if self.logprobs:
             self.pending += parse_logprobs(choice, chat=self.chat, backend=self.backend)
-        text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+        delta = choice.get("delta") or {}
+        if self.chat:
+            self.calls += parse_tool_calls(delta, self.backend)
+        text = delta.get("content") if self.chat else choice.get("text")
         return text or ""
+
+    def take_calls(self) -> tuple[ToolCall, ...] | None:
+        """The tool-call pieces since the last chunk (None when there are none)."""
+        taken, self.calls = tuple(self.calls), []
+        return taken or None
 
     def take(self) -> tuple[TokenLogprob, ...] | None:
         """The log-probabilities since the last chunk (None when not asked for)."""
@@ -390,7 +443,7 @@ class StreamState:
         """The last chunk; a stream cut before `[DONE]` and a finish reason is a failure."""
         if not self.done and self.finish is None:
             raise Unavailable(f"backend {backend!r} at {url}: the stream ended before the answer")
-        return final_chunk("", self.finish, self.usage, self.take())
+        return final_chunk("", self.finish, self.usage, self.take(), self.take_calls())
 
 
 def error_from_response(

@@ -28,7 +28,7 @@ from models.backends.base import (
     Role,
     Unavailable,
 )
-from models.backends.openai_http import OpenAIHTTPBackend, answers_200, make_client
+from models.backends.openai_http import SUPPORTS, OpenAIHTTPBackend, answers_200, make_client
 
 STOP_GRACE_S = 10.0
 OUTPUT_LINES = 200
@@ -181,14 +181,18 @@ class VLLMBackend:
         return await self._inner.health()
 
     def card(self) -> ModelCard:
+        # vLLM follows response_format always; it calls tools only with a tool parser
+        parser = "--tool-call-parser" in self.extra_args
+        supports = SUPPORTS if parser else SUPPORTS - {"tools"}
         if self._inner is not None:
             base = self._inner.card()
             return dataclasses.replace(
-                base, backend="vllm", extra={**base.extra, "port": self.port}
+                base, backend="vllm", extra={**base.extra, "port": self.port}, supports=supports
             )
         return ModelCard(
-            name=self.name, backend="vllm", role=self._role, context_length=self.max_model_len
-        )
+            name=self.name, backend="vllm", role=self._role, context_length=self.max_model_len,
+            supports=supports,
+        )  # fmt: skip
 
     def load(self) -> Load:
         return self._inner.load() if self._inner is not None else Load()

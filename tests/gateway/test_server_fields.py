@@ -80,7 +80,7 @@ def test_logit_bias_forces_a_token(sdk: openai.OpenAI, tiny_model_dir: Path) -> 
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"logit_bias": {"999999": 5}}, "logit_bias"),

@@ -1,0 +1,1 @@
+"""Rate-limit accuracy benchmark (run.py)."""

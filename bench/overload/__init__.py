@@ -1,0 +1,1 @@
+"""bench/overload: see docs/BENCHMARKS.md."""
