@@ -23,8 +23,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("distillgate")
 
-OPERATIONS = {"chat": "chat", "completions": "text_completion"}  # gen_ai.operation.name
-ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+OPERATIONS = {
+    "chat": "chat",
+    "completions": "text_completion",
+    "responses": "chat",
+}  # gen_ai.operation.name
+ROUTES = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "responses": "/v1/responses",
+}
 ENDPOINT_ENV = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 

@@ -27,7 +27,7 @@ class TrafficRecord:
 
     ts: float
     request_id: str
-    endpoint: Literal["chat", "completions"]
+    endpoint: Literal["chat", "completions", "responses"]
     requested_model: str
     model: str
     role: Literal["teacher", "student"]

@@ -49,9 +49,9 @@ from models.backends.base import GenerationChunk, GenerationRequest, SamplingPar
 
 router = APIRouter()
 
-# The traffic log, the metrics and the tracer know the endpoints "chat" and "completions";
-# a Responses request is a chat request (messages in, one text out), recorded as one.
-ENDPOINT = "chat"
+# Its own label in the metrics, the traffic log and the tracer; the adaptation loop reads
+# its rows as it reads chat's (messages in, one text out).
+ENDPOINT = "responses"
 EXAMPLE = {"model": "auto", "input": "Say hello in five words.", "max_output_tokens": 16}
 
 

@@ -66,6 +66,15 @@ def test_text_in_text_out(sdk: openai.OpenAI, backend: ScriptedBackend) -> None:
     assert (seen.params.max_tokens, seen.params.temperature, seen.params.top_p) == (7, 0.5, 0.9)
 
 
+def test_counted_under_its_own_endpoint(sdk: openai.OpenAI, http: TestClient) -> None:
+    sdk.responses.create(model="tiny", input="hi")
+    text = http.get("/metrics").text
+    assert (
+        'distillgate_requests_total{endpoint="responses",model="tiny",outcome="success"} 1.0'
+        in text
+    )
+
+
 def test_message_items_and_history(sdk: openai.OpenAI, backend: ScriptedBackend) -> None:
     sdk.responses.create(
         model="tiny",
