@@ -16,7 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, RootModel
 
 from gateway.errors import InvalidRequest, Unsupported
-from gateway.protocol import ChatTokenLogprob, Need, StreamOptions, Usage, _Request
+from gateway.protocol import Need, StreamOptions, _Request
+from gateway.protocol_out import ChatTokenLogprob, Usage
 from models.backends.base import OutputFormat
 
 LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for them

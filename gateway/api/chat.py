@@ -9,19 +9,17 @@ from fastapi import APIRouter, Request, Response
 
 from gateway.api.generation import Job, Result, fan_out, parse_body, run, sampling, sse, target
 from gateway.openapi import CHAT_EXAMPLE, GENERATION_ERRORS, request_body, responses
-from gateway.protocol import (
+from gateway.protocol import ChatCompletionRequest, chat_messages, check_supported
+from gateway.protocol_out import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatLogprobs,
     Delta,
     Usage,
     chat_logprobs,
-    chat_messages,
-    check_supported,
     new_id,
     now,
     tool_calls_out,

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Request, Response
 
 from gateway.api.generation import Job, Result, fan_out, parse_body, run, sampling, sse, target
 from gateway.openapi import COMPLETION_EXAMPLE, GENERATION_ERRORS, request_body, responses
-from gateway.protocol import (
+from gateway.protocol import CompletionRequest
+from gateway.protocol_out import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     Usage,
     completion_logprobs,
     new_id,

@@ -35,7 +35,8 @@ from gateway.errors import (
     sse_error,
     validation_error,
 )
-from gateway.protocol import Usage, _Sampling
+from gateway.protocol import _Sampling
+from gateway.protocol_out import Usage
 from gateway.routing.router import Route, api_key_of, is_auto
 from gateway.state import Gateway
 from models.backends.base import (

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 
 from gateway.errors import ModelNotFound
 from gateway.openapi import MODEL_LINKS, responses
-from gateway.protocol import ModelEntry, ModelList
+from gateway.protocol_out import ModelEntry, ModelList
 from gateway.state import Gateway, GatewayDep
 
 router = APIRouter()

@@ -15,15 +15,8 @@ from fastapi.responses import StreamingResponse
 from gateway.api.generation import Job, Result, parse_body, run, sampling, target
 from gateway.openapi import GENERATION_ERRORS, request_body
 from gateway.openapi import responses as responses_doc
-from gateway.protocol import (
-    ChatTokenLogprob,
-    Usage,
-    _Sampling,
-    chat_logprobs,
-    check_supported,
-    new_id,
-    now,
-)
+from gateway.protocol import _Sampling, check_supported
+from gateway.protocol_out import ChatTokenLogprob, Usage, chat_logprobs, new_id, now
 from gateway.protocol_responses import (
     ErrorEvent,
     Event,

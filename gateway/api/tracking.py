@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from gateway.errors import GatewayError, to_gateway_error
 from gateway.metrics import Metrics
-from gateway.protocol import Usage
+from gateway.protocol_out import Usage
 from models.backends.base import GenerationChunk
 
 CANCELLED_STATUS = 499  # the client went away (nginx's code; no response was sent)

@@ -39,6 +39,7 @@ from gateway.metrics import Metrics
 from gateway.routing.breaker import Breakers, Rules, outcome_of
 from gateway.routing.domains import GENERAL, DomainDetector, fit_for
 from gateway.routing.estimates import Estimates, cost_per_1k
+from gateway.routing.gates import NO_GATES, Gates, gates_for
 from gateway.routing.policy import DEFAULT_POLICY, Policy, PolicyFile, SloClass
 from gateway.routing.quality import QualityTable, build_table, z_for
 from gateway.routing.selector import Candidate, Decision, Slo, choose, ranking
@@ -95,30 +96,6 @@ class Route:
         return headers
 
 
-@dataclass(frozen=True)
-class _Gates:
-    """The rollouts as route() reads them, derived once per rollouts dict: who is never a
-    candidate, who is one only for a share of its domain, and who shadows each domain."""
-
-    closed: frozenset[str]  # shadow or retired
-    canary: dict[str, tuple[str, float]]  # student -> (its domain, its share)
-    shadows: dict[str, tuple[str, ...]]  # domain -> students in shadow or canary
-
-
-NO_GATES = _Gates(frozenset(), {}, {})
-
-
-def gates_for(rollouts: Mapping[str, Rollout]) -> _Gates:
-    closed = frozenset(n for n, r in rollouts.items() if r.stage in ("shadow", "retired"))
-    canary = {n: (r.domain, r.share) for n, r in rollouts.items() if r.stage == "canary"}
-    shadows: dict[str, list[str]] = {}
-    for name in sorted(rollouts):
-        rollout = rollouts[name]
-        if rollout.stage in ("shadow", "canary"):
-            shadows.setdefault(rollout.domain, []).append(name)
-    return _Gates(closed, canary, {d: tuple(names) for d, names in shadows.items()})
-
-
 @dataclass
 class _Models:
     """What routing knows about the served models, rebuilt when a manifest changes."""
@@ -148,7 +125,7 @@ class Router:
     priced_for: tuple[Policy, _Models | None] | None = None
     # student -> its rollout; replaced wholesale by the gateway, never mutated in place
     rollouts: dict[str, Rollout] = field(default_factory=dict)
-    gated_for: tuple[dict[str, Rollout], _Gates] | None = None
+    gated_for: tuple[dict[str, Rollout], Gates] | None = None
     # one circuit breaker per model (gateway/routing/breaker.py), fed by every request
     breakers: Breakers = field(default_factory=Breakers)
 
@@ -307,7 +284,7 @@ class Router:
         gates = self._gates()
         candidates = []
         for name, backend in self._capable(needs).items():
-            if gates is not NO_GATES and not self._admitted(gates, name, domain):
+            if gates is not NO_GATES and not gates.admits(name, domain, self.rng.random):
                 continue
             price = cost_per_1k(name, policy.costs, policy.teacher_cost_per_1k_tokens,
                                 self._parameters(name), teacher_params)  # fmt: skip
@@ -399,7 +376,7 @@ class Router:
 
     # -- rollouts ----------------------------------------------------------------------
 
-    def _gates(self) -> _Gates:
+    def _gates(self) -> Gates:
         """The gates of the current rollouts dict, derived once per dict (the gateway
         replaces it wholesale, so identity says whether it changed)."""
         rollouts = self.rollouts
@@ -410,15 +387,7 @@ class Router:
             basis = self.gated_for = (rollouts, gates_for(rollouts))
         return basis[1]
 
-    def _admitted(self, gates: _Gates, name: str, domain: str) -> bool:
-        """Whether `name` may answer this request: never in shadow or retired; in canary
-        only for its own domain, and there for its share of the requests."""
-        if name in gates.closed:
-            return False
-        canary = gates.canary.get(name)
-        return canary is None or (canary[0] == domain and self.rng.random() < canary[1])
-
-    def _shadow(self, gates: _Gates, model: str, domain: str) -> str | None:
+    def _shadow(self, gates: Gates, model: str, domain: str) -> str | None:
         """The student to answer a teacher-answered request in the background, drawn with
         probability shadow_share among the served ones in shadow or canary on `domain`."""
         students = gates.shadows.get(domain)
