@@ -34,7 +34,8 @@ from models.backends.base import (
     Unavailable,
     UpstreamError,
 )
-from models.backends.openai_http import OpenAIHTTPBackend, parse_logprobs
+from models.backends.openai_http import OpenAIHTTPBackend
+from models.backends.openai_wire import parse_logprobs
 
 REPO = Path(__file__).resolve().parents[2]
 INSTANT_SERVER = "gateway.instant"  # the instant server, run with `python -m`
