@@ -250,31 +250,19 @@ class LocalBackend:
 
     def card(self) -> ModelCard:
         loaded = self._loaded
-        if loaded is None:
-            return ModelCard(
-                name=self.name,
-                backend="local",
-                role=self.role,
-                context_length=self.context_length or _config_context_length(self.path),
-                parent=self.parent,
-                extra={"device": self.device, "dtype": self.dtype},
-                supports=SUPPORTS,
-            )
+        extra: dict[str, object] = {"device": self.device, "dtype": self.dtype}
+        if loaded is None:  # not started: what the directory says, without loading it
+            length, parameters, created = (
+                self.context_length or _config_context_length(self.path), None, 0)  # fmt: skip
+        else:
+            length, parameters, created = loaded.context_length, loaded.parameters, loaded.created
+            extra = {"non_embedding_parameters": loaded.non_embedding_parameters,
+                     "device": loaded.device, "dtype": self.dtype}  # fmt: skip
         return ModelCard(
-            name=self.name,
-            backend="local",
-            role=self.role,
-            context_length=loaded.context_length,
-            parameters=loaded.parameters,
-            parent=self.parent,
-            created=loaded.created,
-            extra={
-                "non_embedding_parameters": loaded.non_embedding_parameters,
-                "device": loaded.device,
-                "dtype": self.dtype,
-            },
+            name=self.name, backend="local", role=self.role, context_length=length,
+            parameters=parameters, parent=self.parent, created=created, extra=extra,
             supports=SUPPORTS,
-        )
+        )  # fmt: skip
 
     def load(self) -> Load:
         return Load(waiting=len(self._waiting), running=len(self._rows), capacity=self.queue_size)
@@ -292,13 +280,7 @@ class LocalBackend:
             raise InvalidParams(f"tools: model {self.name!r} cannot call tools (a local model "
                                 "has no tool parser)", param="tools")  # fmt: skip
         loop = asyncio.get_running_loop()
-        prompt_ids = await loop.run_in_executor(executor, _encode, loaded.tokenizer, request)
-        constraint = None
-        if params.response_format is not None:  # compiling a schema takes a few ms
-            make = loaded.constraints.create
-            constraint = await loop.run_in_executor(executor, make, params.response_format)
-        if len(prompt_ids) + params.max_tokens > loaded.context_length:
-            raise PromptTooLong(len(prompt_ids), params.max_tokens, loaded.context_length)
+        prompt_ids, constraint = await loop.run_in_executor(executor, _prepare, loaded, request)
         seq = _Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -478,6 +460,18 @@ class LocalBackend:
         for seq in pending:
             seq.fail(reason)
         self._rows, self._batch = [], None
+
+
+def _prepare(loaded: _Loaded, request: GenerationRequest) -> tuple[list[int], Any]:
+    """On the tokenising thread, in one hop: the prompt's ids, checked against the context,
+    then the request's output constraint (compiling a schema takes a few ms, so not for a
+    prompt that is refused anyway)."""
+    ids, params = _encode(loaded.tokenizer, request), request.params
+    if len(ids) + params.max_tokens > loaded.context_length:
+        raise PromptTooLong(len(ids), params.max_tokens, loaded.context_length)
+    if params.response_format is None:
+        return ids, None
+    return ids, loaded.constraints.create(params.response_format)
 
 
 def _encode(tokenizer: Any, request: GenerationRequest) -> list[int]:
