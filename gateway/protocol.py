@@ -415,6 +415,15 @@ def _text(i: int, m: ChatMessage) -> str:
 
 
 def _content_text(p: str, content: Any) -> str:
+    return content_text(p, content, ("text",), _PARTS, "'text'")
+
+
+def content_text(
+    p: str, content: Any, kinds: tuple[str, ...], unsupported: dict[str, str], expected: str
+) -> str:
+    """A message's content as text: a string, or a non-empty array of parts of the text
+    `kinds` (concatenated); a part of an `unsupported` kind is a 400 saying why, anything
+    else a 400 naming the part and what was `expected`. (Chat's and Responses' share it.)"""
     if isinstance(content, str):
         return content
     if not isinstance(content, list) or not content:
@@ -426,14 +435,15 @@ def _content_text(p: str, content: Any) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        kind = kind if isinstance(kind, str) else None  # `"type": {}` is a 400, not a 500
+        if kind in kinds and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif isinstance(kind, str) and kind in _PARTS:  # `"type": {}` is a 400, not a 500
-            raise Unsupported(_PARTS[kind], param=f"{p}.content[{j}]")
+        elif kind in unsupported:
+            raise Unsupported(unsupported[kind], param=f"{p}.content[{j}]")
         else:
             raise InvalidRequest(
-                f"{p}.content[{j}] must be a content part of type 'text' "
-                f"with a string 'text'; received type {kind!r}.",
+                f"{p}.content[{j}] must be a content part of type {expected} with a string "
+                f"'text'; received type {repr(kind)[:60]}.",
                 param=f"{p}.content[{j}]",
             )
     return "".join(texts)

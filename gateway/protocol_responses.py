@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, RootModel
 
 from gateway.errors import InvalidRequest, Unsupported
-from gateway.protocol import Need, StreamOptions, _Request
+from gateway.protocol import Need, StreamOptions, _Request, content_text
 from gateway.protocol_out import ChatTokenLogprob, Usage
 from models.backends.base import OutputFormat
 
@@ -190,30 +190,8 @@ def _message(i: int, item: Any) -> dict[str, str]:
 
 
 def _content(p: str, content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list) or not content:
-        got = "an empty array" if content == [] else type(content).__name__
-        raise InvalidRequest(
-            f"{p}.content must be a string or a non-empty array of content parts; received {got}.",
-            param=f"{p}.content",
-        )
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        kind = kind if isinstance(kind, str) else None
-        if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in _PARTS:
-            raise Unsupported(_PARTS[kind], param=f"{p}.content[{j}]")
-        else:
-            raise InvalidRequest(
-                f"{p}.content[{j}] must be a content part of type 'input_text' (or "
-                f"'output_text' in an assistant message) with a string 'text'; received "
-                f"type {repr(kind)[:60]}.",
-                param=f"{p}.content[{j}]",
-            )
-    return "".join(texts)
+    expected = "'input_text' (or 'output_text' in an assistant message)"
+    return content_text(p, content, ("input_text", "output_text"), _PARTS, expected)
 
 
 # What we send back.
