@@ -25,7 +25,7 @@ from gateway.protocol_out import (
     tool_calls_out,
 )
 from gateway.routing.router import request_text
-from gateway.state import GatewayDep
+from gateway.state import gateway_of
 from models.backends.base import GenerationChunk, GenerationRequest, TokenLogprob, merge_tool_calls
 
 router = APIRouter()
@@ -39,7 +39,8 @@ router = APIRouter()
     openapi_extra=request_body(ChatCompletionRequest, CHAT_EXAMPLE),
     responses=responses(ChatCompletion, *GENERATION_ERRORS, stream=ChatCompletionChunk),
 )
-async def chat_completions(request: Request, gw: GatewayDep) -> Response:
+async def chat_completions(request: Request) -> Response:
+    gw = gateway_of(request)
     req = await parse_body(request, ChatCompletionRequest, gw.config.limits.max_body_bytes)
     req.check()
     messages = chat_messages(req.messages)

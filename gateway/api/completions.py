@@ -19,7 +19,7 @@ from gateway.protocol_out import (
     new_id,
     now,
 )
-from gateway.state import GatewayDep
+from gateway.state import gateway_of
 from models.backends.base import GenerationChunk, GenerationRequest, TokenLogprob
 
 router = APIRouter()
@@ -33,7 +33,8 @@ router = APIRouter()
     openapi_extra=request_body(CompletionRequest, COMPLETION_EXAMPLE),
     responses=responses(Completion, *GENERATION_ERRORS, stream=Completion),
 )
-async def completions(request: Request, gw: GatewayDep) -> Response:
+async def completions(request: Request) -> Response:
+    gw = gateway_of(request)
     req = await parse_body(request, CompletionRequest, gw.config.limits.max_body_bytes)
     req.check()
     prompt = req.text()

@@ -233,6 +233,9 @@ async def run(
         if job.stream:
             return await _stream(gw, job, tracker, render, to.headers)
         results = await cancel_on_disconnect(request, _complete(gw, job, tracker))
+    except ClientGone:  # nobody to answer: nginx's 499, sent nowhere, not logged as an error
+        tracker.done("cancelled")
+        return Response(status_code=499)
     except asyncio.CancelledError:
         tracker.done("cancelled")
         raise
@@ -314,6 +317,8 @@ async def _open(
 async def _next(stream: Stream, idle: float | None) -> GenerationChunk | None:
     """The stream's next chunk, None at its end; TimedOut after `idle` seconds without one
     (cancelling the wait cancels the backend's generation, which frees its slot)."""
+    if idle is None:  # a whole answer: limits.request_timeout_s bounds it (`_complete`)
+        return await anext(stream, None)
     try:
         async with asyncio.timeout(idle):
             return await anext(stream)
@@ -475,22 +480,34 @@ def sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json().encode() + b"\n\n"
 
 
+class ClientGone(Exception):
+    """The client went away before its answer; its work was cancelled."""
+
+
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling this request's task if the client goes away first (frees
-    its backend slot). Starlette does this for streaming responses; a plain response
-    needs it by hand. One watcher task, no second task for the work itself."""
+    its backend slot), then raise ClientGone. Starlette does this for streaming
+    responses; a plain response needs it by hand. One watcher task, no second task for
+    the work itself."""
     handler = asyncio.current_task()
     assert handler is not None
-    finished = False
+    finished = gone = False
 
     def on_disconnect(watcher: asyncio.Task[None]) -> None:
+        nonlocal gone
         if not finished and not watcher.cancelled():
+            gone = True
             handler.cancel("client disconnected")
 
     watcher = asyncio.ensure_future(_disconnected(request))
     watcher.add_done_callback(on_disconnect)
     try:
         return await work
+    except asyncio.CancelledError:
+        # our own cancel, and no other pending (a server shutting down cancels too)
+        if gone and handler.uncancel() == 0:
+            raise ClientGone() from None
+        raise
     finally:
         finished = True
         watcher.cancel()

@@ -37,7 +37,7 @@ from gateway.protocol_responses import (
     event_bytes,
 )
 from gateway.routing.router import request_text
-from gateway.state import Gateway, GatewayDep
+from gateway.state import Gateway, gateway_of
 from models.backends.base import GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob
 
 router = APIRouter()
@@ -56,7 +56,8 @@ EXAMPLE = {"model": "auto", "input": "Say hello in five words.", "max_output_tok
     openapi_extra=request_body(ResponsesRequest, EXAMPLE),
     responses=responses_doc(ResponseObject, *GENERATION_ERRORS, stream=StreamEvent),
 )
-async def responses(request: Request, gw: GatewayDep) -> Response:
+async def responses(request: Request) -> Response:
+    gw = gateway_of(request)
     req = await parse_body(request, ResponsesRequest, gw.config.limits.max_body_bytes)
     req.check()
     messages = req.messages()

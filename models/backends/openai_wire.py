@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 
 import aiohttp
-import httpx
+import orjson
 
 from models.backends.base import (
     GenerationChunk,
@@ -53,7 +53,7 @@ def request_body(request: GenerationRequest, model: str, *, stream: bool) -> tup
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
     path = CHAT_PATH if chat else COMPLETIONS_PATH
-    return path, json.dumps(body, separators=(",", ":")).encode()
+    return path, orjson.dumps(body)
 
 
 def optional_fields(params: SamplingParams, *, chat: bool) -> dict:
@@ -76,7 +76,7 @@ def optional_fields(params: SamplingParams, *, chat: bool) -> dict:
 
 def parse_json(raw: bytes, backend: str) -> dict:
     try:
-        data = json.loads(raw)
+        data = orjson.loads(raw)
     except ValueError:
         message = f"backend {backend!r} answered with invalid JSON: {raw[:200]!r}"
         raise UpstreamError(502, message) from None
@@ -266,30 +266,21 @@ def retry_after(header: str | None, default: float = 1.0) -> float:
 
 
 def describe_wire_error(exc: BaseException, timeout_s: float) -> str:
-    """One line, no traceback: what went wrong on the wire. The aiohttp transport raises
-    httpx errors `from` aiohttp's own, which say more (it maps a connection the server
-    dropped to httpx.ConnectTimeout), so the cause is read first."""
-    cause = wire_cause(exc)
-    if isinstance(cause, aiohttp.ConnectionTimeoutError | httpx.ConnectTimeout):
+    """One line, no traceback: what went wrong on the wire (aiohttp's errors)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "timed out connecting"
-    if isinstance(cause, TimeoutError | httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return f"no answer within {timeout_s:g} s"
     # aiohttp's parser errors keep a several-line `message`, shown here on one line.
-    text = getattr(cause, "message", None) if isinstance(cause, aiohttp.ClientError) else None
-    detail = getattr(cause, "strerror", None) or f"{type(cause).__name__}: {text or cause}"
+    text = getattr(exc, "message", None) if isinstance(exc, aiohttp.ClientError) else None
+    detail = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {text or exc}"
     detail = " ".join(str(detail).split())[:300]
-    if isinstance(cause, aiohttp.ClientConnectorError | httpx.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect ({detail})"
     dropped = (
         aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError,
-        httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, ConnectionError,
+        ConnectionError,
     )  # fmt: skip
-    if isinstance(cause, dropped):
+    if isinstance(exc, dropped):
         return "the server closed the connection mid-way"
     return f"bad answer on the wire ({detail})"
-
-
-def wire_cause(exc: BaseException) -> BaseException:
-    """The aiohttp error behind an httpx error the transport mapped, else `exc` itself."""
-    cause = exc.__cause__
-    return cause if isinstance(exc, httpx.HTTPError) and cause is not None else exc

@@ -28,7 +28,7 @@ from models.backends.base import (
     Role,
     Unavailable,
 )
-from models.backends.openai_http import SUPPORTS, OpenAIHTTPBackend, answers_200, make_client
+from models.backends.openai_http import SUPPORTS, OpenAIHTTPBackend, answers_200, make_session
 
 STOP_GRACE_S = 10.0
 OUTPUT_LINES = 200
@@ -130,8 +130,8 @@ class VLLMBackend:
         assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout_s
         delay = 0.05
-        async with make_client(self.url, timeout_s=2.0, connect_timeout_s=2.0) as client:
-            while not await answers_200(client, "/health"):
+        async with make_session(timeout_s=2.0, connect_timeout_s=2.0) as session:
+            while not await answers_200(session, self.url, "/health"):
                 if self._proc.returncode is not None:
                     await self._settle_output()
                     raise self._startup_failure(f"exited with code {self._proc.returncode}")

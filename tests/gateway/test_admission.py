@@ -192,3 +192,38 @@ def test_sigterm_drains_then_exits_without_reraising() -> None:
     ctrl_c = GracefulServer(uvicorn.Config(FastAPI()), drain_s=0, on_drain=lambda: None)
     ctrl_c.handle_exit(signal.SIGINT, None)
     assert ctrl_c._captured_signals == [signal.SIGINT]
+
+
+async def test_a_client_that_goes_away_frees_the_model_and_is_not_an_error() -> None:
+    """The body is read, the model starts, then the client disconnects: the generation is
+    cancelled (its slot freed), the app returns normally (uvicorn logs no 'Exception in
+    ASGI application') and the request counts as cancelled."""
+    backend = ScriptedBackend("m", stall_after=0, stall_s=30)
+    async with serving(backend, max_in_flight=4) as app, client(app) as http:
+        body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await until(lambda: backend.running == 1)
+            return {"type": "http.disconnect"}
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+        }  # fmt: skip
+        await asyncio.wait_for(app(scope, receive, send), 5.0)  # returns, no exception
+        assert (backend.cancelled, backend.running) == (1, 0)
+        assert sent[0]["status"] == 499
+        metrics = (await http.get("/metrics")).text
+        assert 'endpoint="chat",model="m",outcome="cancelled"} 1.0' in metrics
