@@ -1,10 +1,16 @@
 -- wrk script for the overhead benchmark: POST one small chat completion per request and
 -- print one machine-readable RESULT line (run.py parses it). The model name comes from
--- the MODEL environment variable (the instant server's or the gateway's name for it).
+-- the MODEL environment variable (the instant server's or the gateway's name for it); an
+-- API_KEY one, when set, is sent as `Authorization: Bearer` (a distillgate key, LiteLLM's
+-- master key).
 local model = os.getenv("MODEL") or "instant"
+local key = os.getenv("API_KEY")
 wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
 wrk.headers["Content-Type"] = "application/json"
+if key and key ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. key
+end
 wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"Say hello."}],'
   .. '"max_tokens":16,"temperature":0}'
 
