@@ -50,6 +50,8 @@ from bench.overhead import litellm_proxy
 from bench.overhead.procs import BenchError, cpu_seconds, free_port, process, redis_server
 from bench.overhead.table import DIRECT, GATEWAY, LITELLM, Row, document, median_row, report
 
+BASELINE = "gateway@base"
+
 __all__ = ["INSTANT", "BenchError", "free_port", "main", "process"]
 
 # The instant server: an OpenAI-compatible server that answers at once (gateway/instant.py).
@@ -110,6 +112,7 @@ def describe(
         "gateway+log": f"{proc}; traffic log on (SQLite), auth none",
         "gateway+auth": f"{proc}; {keys}; traffic log off",
         "gateway+auth+log": f"{proc}; {keys}; traffic log on (SQLite)",
+        BASELINE: "as gateway, 1 worker, served from the --baseline checkout",
         LITELLM: f"LiteLLM proxy ({pin}), {litellm_workers} uvicorn worker(s) with uvloop, "
         "master key, no database, no callbacks, spend/error logs off, LITELLM_LOG=ERROR",
     }
@@ -199,6 +202,13 @@ def start_gateways(
         argv = serve_argv(path, port, store, args.workers)
         pid = stack.enter_context(process(name, argv, f"{url}/ready", 120))
         targets.append(Target(name, url, model, key if VARIANTS[name][0] else None, pid))
+    if args.baseline is not None:  # the plain gateway's config, served by older code
+        url = f"http://127.0.0.1:{(port := free_port())}"
+        argv = serve_argv(scratch / f"{GATEWAY}.yaml", port, store, 1)
+        env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+        pid = stack.enter_context(process(BASELINE, argv, f"{url}/ready", 120, env=env,
+                                          cwd=args.baseline))  # fmt: skip
+        targets.append(Target(BASELINE, url, model, None, pid))
     return targets
 
 
@@ -241,6 +251,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="LiteLLM's own virtualenv, made on first use (%(default)s)")  # fmt: skip
     p.add_argument("--litellm-pin", default=litellm_proxy.PIN, help="default %(default)s")
     p.add_argument("--litellm-workers", type=int, default=1, help="its --num_workers")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="SRC",
+        help="+ gateway@base: the plain "
+        "gateway served from another checkout (e.g. a `git worktree` of an older "
+        "commit), measured in the same repeats",
+    )
     p.add_argument("--out", type=Path, help="also write the results here as JSON")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     args = p.parse_args(argv)
