@@ -54,6 +54,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument("--store", type=Path, help="model store directory")
     serve.add_argument(
+        "--workers", type=int, help="worker processes sharing the port, each a whole gateway "
+        "(default: server.workers in the config, else 1; see README)",
+    )  # fmt: skip
+    serve.add_argument(
         "--adapt", action="store_true", help="also run the adaptation loop (`distillgate "
         "adapt run`) as a supervised child process, restarted if it dies",
     )  # fmt: skip
@@ -84,7 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError, load_config
     from models.store import ModelStore
 
-    settings = _settings(config=args.config, host=args.host, port=args.port, store=args.store)
+    settings = _settings(config=args.config, host=args.host, port=args.port, store=args.store,
+                         workers=args.workers)  # fmt: skip
     try:
         config = load_config(settings.config)
     except ConfigError as exc:
@@ -105,6 +110,11 @@ def _serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     store = ModelStore(settings.store or config.store)
+    workers = settings.workers or config.server.workers
+    if workers > 1:  # N processes on one socket, each a whole gateway (gateway/workers.py)
+        from gateway.workers import serve_workers
+
+        return serve_workers(config, store.root, settings, workers, adapt=args.adapt)
     app = create_app(config, store, on_failure=on_failure)
     from gateway.admission import GracefulServer, mark_draining
 

@@ -248,6 +248,8 @@ class Server(_Strict):
     max_in_flight: int | None = Field(None, ge=1, le=10_000_000)
     shutdown_timeout_s: float = Field(10.0, gt=0, le=3600)
     drain_s: float = Field(0.0, ge=0, le=3600)
+    # worker processes on one listening socket (gateway/workers.py; `serve --workers`)
+    workers: int = Field(1, ge=1, le=1024)
 
 
 class Auth(_Strict):

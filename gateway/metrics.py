@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from gateway import multiproc
 from models.backends.base import Backend
 
 # LLM latencies: sub-ms gateway work up to multi-minute generations.
@@ -80,6 +81,7 @@ class Metrics:
             "distillgate_requests_in_flight",
             "Requests being served by the gateway now.",
             ["model"],
+            multiprocess_mode="livesum",  # `serve --workers N`: the live workers' total
             registry=r,
         )
         self.batch_size = Histogram(
@@ -148,6 +150,7 @@ class Metrics:
         self.traffic_queue = Gauge(
             "distillgate_traffic_log_queue_depth",
             "Traffic log records waiting to be written.",
+            multiprocess_mode="livesum",  # each worker has its own writer queue
             registry=r,
         )
         # admission control (gateway/admission.py); its count is read at scrape time
@@ -161,11 +164,13 @@ class Metrics:
         self.admitted = Gauge(
             "distillgate_admitted_requests",
             "Generation requests admitted and not finished (running or waiting).",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.admission_capacity = Gauge(
             "distillgate_admission_capacity",
             "Generation requests that may be admitted at once before 429s.",
+            multiprocess_mode="livesum",  # each worker admits this many: the server, the sum
             registry=r,
         )
         self.audits = Counter(
@@ -202,6 +207,8 @@ class Metrics:
             "1 when a model is loaded and its backend says it is healthy, checked at each "
             "scrape; 0 otherwise.",
             ["model"],
+            # workers: ready only when every live worker's copy is (a sick one fails its share)
+            multiprocess_mode="livemin",
             registry=r,
         )
         # API keys and rate limits (gateway/auth.py, gateway/limits.py)
@@ -244,6 +251,7 @@ class Metrics:
             "Each model's circuit breaker: 0 closed, 1 half-open (a probe may pass), 2 open "
             "(out of auto routing), read at scrape time.",
             ["model"],
+            multiprocess_mode="livemax",  # workers: each has its own breaker; the worst one
             registry=r,
         )
         self.circuit_opens = Counter(
@@ -253,12 +261,18 @@ class Metrics:
             registry=r,
         )
         Gauge("distillgate_build_info", "1, labelled with the running version.", ["version"],
-              registry=r).labels(_version()).set(1)  # fmt: skip
+              multiprocess_mode="livemax", registry=r).labels(_version()).set(1)  # fmt: skip
         for reason in ("queue_full", "database", "closed"):  # zeros to alert on
             self.traffic_dropped.labels(reason)
-        r.register(_LoadCollector(backends))
+        self._load = _LoadCollector(backends)
+        r.register(self._load)
         self._models: dict[str, ModelMetrics] = {}
         self._checked: set[str] = set()  # models with a distillgate_model_ready series
+        # `serve --workers N` (gateway/multiproc.py): values live in files, scrapes read all
+        self.multiproc_dir = multiproc.directory()
+        self._mirror = None
+        if self.multiproc_dir is not None:
+            self._mirror = multiproc.Mirror((self.admitted, self.traffic_queue, self.circuit_state))
 
     async def check_models(self, backends: Mapping[str, Backend], loaded: bool) -> None:
         """Set `distillgate_model_ready` from each backend's health (all 0 until the gateway
@@ -267,8 +281,9 @@ class Metrics:
         healthy = await asyncio.gather(*(_healthy(backends[n]) for n in names))
         for name, ok in zip(names, healthy, strict=True):
             self.model_ready.labels(name).set(float(loaded and ok))
-        for name in self._checked - set(names):
-            self.model_ready.remove(name)
+        if self.multiproc_dir is None:  # workers: a file keeps the label; render drops it
+            for name in self._checked - set(names):
+                self.model_ready.remove(name)
         self._checked = set(names)
 
     def for_model(self, model: str) -> ModelMetrics:
@@ -284,7 +299,16 @@ class Metrics:
             )  # fmt: skip
         return bound
 
+    def publish(self) -> None:
+        """Workers: write this process's scrape-time values to its multiprocess files."""
+        if self._mirror is not None:
+            gauges = (self._load, self.admitted, self.traffic_queue, self.circuit_state)
+            self._mirror.write(family for g in gauges for family in g.collect())
+
     def render(self) -> bytes:
+        if self.multiproc_dir is not None:
+            self.publish()  # this worker's own values fresh, the others' from their last tick
+            return multiproc.render(self.multiproc_dir, self._load.backends)
         return generate_latest(self.registry)
 
 

@@ -22,3 +22,5 @@ class Settings(BaseSettings):
     # The traffic log's database (overrides the config's traffic.dsn): a PostgreSQL URL
     # shared by replicas, e.g. from a Kubernetes secret.
     traffic_dsn: str | None = None
+    # worker processes (overrides the config's server.workers); `serve --workers`
+    workers: int | None = Field(None, ge=1, le=1024)
